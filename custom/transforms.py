@@ -1,0 +1,82 @@
+"""Transforms the paper needs beyond MONAI's: a channel-order-safe image layout check and region/label conversion."""
+
+from __future__ import annotations
+
+from collections.abc import Hashable, Mapping
+
+import numpy as np
+import torch
+from monai.config import KeysCollection
+from monai.data import MetaTensor
+from monai.transforms import MapTransform
+
+__all__ = ["EnsureSequenceChannelsd", "regions_to_labels"]
+
+
+class EnsureSequenceChannelsd(MapTransform):
+    """Puts the 4 MR sequences on the first axis, from either 4 stacked files or one 4-channel NIfTI.
+
+    ``LoadImaged`` stacks a list of 4 files on axis 0 (``original_channel_dim == 0``). A single 4-D file is
+    accepted channels last ``(H, W, D, 4)`` (what MONAI Label sends) or channels first ``(4, H, W, D)``. Any other
+    shape is rejected with the expected shapes in the message; this is what stops a 4-D file from being read as
+    240 channels or 3 sequences from passing as 4.
+    """
+
+    def __init__(self, keys: KeysCollection, num_channels: int = 4, allow_missing_keys: bool = False) -> None:
+        super().__init__(keys, allow_missing_keys)
+        self.num_channels = num_channels
+
+    def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict[Hashable, torch.Tensor]:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            d[key] = self._channels_first(d[key])
+        return d
+
+    def _channels_first(self, image: torch.Tensor) -> torch.Tensor:
+        meta = image.meta if isinstance(image, MetaTensor) else {}
+        stacked = meta.get("original_channel_dim") == 0
+        n = self.num_channels
+        if image.ndim == 4 and image.shape[0] == n and (stacked or image.shape[-1] != n):
+            result = image
+        elif image.ndim == 4 and image.shape[-1] == n and not stacked:
+            result = image.permute(3, 0, 1, 2)
+        elif image.ndim == 5 and image.shape[3] == 1 and image.shape[4] == n and not stacked:
+            # NIfTI stores vector images as (H, W, D, 1, C): drop the singleton time axis
+            result = image[:, :, :, 0].permute(3, 0, 1, 2)
+        else:
+            source = meta.get("filename_or_obj", "the input")
+            raise ValueError(
+                f"{source}: expected {n} sequences (T1, T1c, T2, FLAIR) as {n} files of shape (H, W, D), or one "
+                f"file of shape (H, W, D, {n}) or ({n}, H, W, D); got shape {tuple(image.shape)}"
+                + (" from stacked files" if stacked else "")
+                + ". Check that every case lists exactly its 4 sequence files."
+            )
+        if isinstance(result, MetaTensor):
+            result.meta["original_channel_dim"] = 0
+        return result.contiguous()
+
+
+def regions_to_labels(
+    regions: torch.Tensor | np.ndarray, et_label: int = 4, et_threshold: int = 0
+) -> torch.Tensor | np.ndarray:
+    """Binary region masks ``(3, H, W, D)`` in the order TC, WT, ET to one BraTS label map ``(H, W, D)`` (uint8).
+
+    The regions are nested (ET in TC in WT), so labels are assigned from the outside in: WT -> 2 (edema),
+    TC -> 1 (necrosis / non-enhancing core), ET -> ``et_label``; a voxel the independent sigmoids put in an inner
+    region but not in the outer one counts as in both (the union keeps the nesting). When the case's ET volume is below ``et_threshold``
+    voxels, the ET voxels become label 1 (the paper's post-processing: tiny ET predictions are usually
+    false positives in LGG cases, where an empty ET scores Dice 1).
+    """
+    is_tensor = isinstance(regions, torch.Tensor)
+    masks = regions.bool() if is_tensor else np.asarray(regions).astype(bool)
+    if masks.ndim != 4 or masks.shape[0] != 3:
+        raise ValueError(f"regions_to_labels expects (3, H, W, D) masks in TC, WT, ET order, got {tuple(masks.shape)}.")
+    tc, wt, et = masks[0], masks[1], masks[2]
+    wt = wt | tc | et
+    tc = tc | et
+    labels = torch.zeros(wt.shape, dtype=torch.uint8, device=masks.device) if is_tensor else np.zeros(wt.shape, np.uint8)
+    labels[wt] = 2
+    labels[tc] = 1
+    if int(et.sum()) >= max(et_threshold, 1):
+        labels[et] = et_label
+    return labels

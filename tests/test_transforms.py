@@ -1,0 +1,60 @@
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+from monai.transforms import ConvertToMultiChannelBasedOnBratsClasses, LoadImaged
+
+from custom.transforms import EnsureSequenceChannelsd, regions_to_labels
+
+
+@pytest.mark.parametrize("et_label", [4, 3])
+def test_label_conversion_for_et_label(et_label):
+    labels = torch.tensor([0, 1, 2, et_label]).reshape(1, 4, 1, 1)
+    tc, wt, et = ConvertToMultiChannelBasedOnBratsClasses(et_label=et_label)(labels)
+    assert tc.flatten().tolist() == [False, True, False, True]
+    assert wt.flatten().tolist() == [False, True, True, True]
+    assert et.flatten().tolist() == [False, False, False, True]
+
+
+@pytest.mark.parametrize("et_label", [4, 3])
+def test_regions_to_labels_and_et_threshold(et_label):
+    regions = np.zeros((3, 4, 4, 4), bool)
+    regions[1, :2] = True  # WT
+    regions[0, 0, :2] = True  # TC
+    regions[2, 0, 0, :2] = True  # ET: 2 voxels inside TC
+    regions[2, 3, 3, 3] = True  # ET outside WT: kept, the union restores nesting
+    labels = regions_to_labels(regions, et_label)
+    assert labels.dtype == np.uint8
+    # WT = 32 + 1 voxels, TC = 8 + 1, ET = 3: labels 2, 1 and ET count the differences
+    assert (labels == et_label).sum() == 3 and labels[3, 3, 3] == et_label
+    assert (labels == 1).sum() == 6 and (labels == 2).sum() == 24
+    assert set(np.unique(labels)) == {0, 1, 2, et_label}
+    # below the threshold the ET voxels become necrosis (label 1), others unchanged
+    small = regions_to_labels(regions, et_label, et_threshold=4)
+    assert (small == et_label).sum() == 0 and (small == 1).sum() == 9
+    assert np.array_equal(regions_to_labels(regions, et_label, et_threshold=3), labels)
+    assert np.array_equal(small == 2, labels == 2)
+    # tensors in, tensors out
+    assert torch.equal(regions_to_labels(torch.from_numpy(regions), et_label), torch.from_numpy(labels))
+
+
+def _save(path, array):
+    nib.save(nib.Nifti1Image(array, np.diag([-1.0, -1.0, 1.0, 1.0])), str(path))
+    return str(path)
+
+
+def test_sequence_channels_from_files_and_4d_layouts(tmp_path):
+    volumes = [np.full((8, 6, 5), i + 1, np.float32) for i in range(4)]
+    files = [_save(tmp_path / f"s{i}.nii.gz", v) for i, v in enumerate(volumes)]
+    last = _save(tmp_path / "last.nii.gz", np.stack(volumes, -1))
+    first = _save(tmp_path / "first.nii.gz", np.stack(volumes, 0))
+    loader, ensure = LoadImaged("image"), EnsureSequenceChannelsd("image")
+    for source in (files, last, first):
+        image = ensure(loader({"image": source}))["image"]
+        assert image.shape == (4, 8, 6, 5), source
+        assert [float(image[c].mean()) for c in range(4)] == [1, 2, 3, 4]
+    three = _save(tmp_path / "three.nii.gz", np.stack(volumes[:3], -1))
+    with pytest.raises(ValueError, match=r"three.nii.gz.*\(H, W, D, 4\)"):
+        ensure(loader({"image": three}))
+    with pytest.raises(ValueError, match="expected 4 sequences"):
+        ensure(loader({"image": files[:3]}))
