@@ -1,0 +1,541 @@
+"""Discovery of BraTS cases on disk and MONAI (decathlon-style) datalists with cross-validation folds.
+
+Supported layouts, searched recursively under ``dataset_dir`` (``.nii.gz`` or ``.nii``):
+
+* BraTS 2018/2019: ``HGG/<case>/<case>_{t1,t1ce,t2,flair,seg}.nii.gz`` and ``LGG/...``; the same naming
+  without HGG/LGG folders (2019 validation set), BraTS 2020 (``BraTS20_Training_001``) and 2021
+  (``BraTS2021_00000``). Enhancing tumour is label 4.
+* BraTS 2023+ (GLI, MEN, MET, PED, SSA, ...): ``<case>/<case>-{t1n,t1c,t2w,t2f,seg}.nii.gz``. Enhancing tumour is
+  label 3.
+* A folder of single 4-channel NIfTI files ``<case>.nii.gz`` (channels T1, T1c, T2, FLAIR, first or last axis),
+  labels as ``<case>_seg.nii.gz`` next to them or as ``<case>.nii.gz`` in another folder (``labels/``,
+  ``labelsTr/``). The channel order is not recorded in a NIfTI file: a Medical Segmentation Decathlon
+  Task01 file (FLAIR, T1, T1gd, T2) must be re-ordered first.
+
+Cases with a segmentation go to ``"training"`` with a fold number, cases without one to ``"testing"``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import nibabel as nib
+import numpy as np
+
+__all__ = [
+    "SEQUENCES",
+    "BratsCase",
+    "discover_cases",
+    "make_datalist",
+    "write_datalist",
+    "load_datalist",
+    "training_files",
+    "validation_files",
+    "testing_files",
+    "resolve_et_label",
+]
+
+logger = logging.getLogger(__name__)
+
+SEQUENCES = ("t1", "t1c", "t2", "flair")
+"""Channel order of the network input: T1, T1c (T1Gd), T2, FLAIR."""
+
+# file-name suffix -> sequence name (or "label"); 2018-2021 underscore naming and 2023+ dash naming
+_UNDERSCORE_SUFFIXES = {
+    "t1": "t1",
+    "t1ce": "t1c",
+    "t1c": "t1c",
+    "t1gd": "t1c",
+    "t2": "t2",
+    "flair": "flair",
+    "seg": "label",
+}
+_DASH_SUFFIXES = {"t1n": "t1", "t1c": "t1c", "t2w": "t2", "t2f": "flair", "seg": "label"}
+_DASH_RE = re.compile(r"^(?P<case>.+)-(?P<suffix>t1n|t1c|t2w|t2f|seg)$", re.IGNORECASE)
+_UNDERSCORE_RE = re.compile(r"^(?P<case>.+)_(?P<suffix>t1|t1ce|t1c|t1gd|t2|flair|seg)$", re.IGNORECASE)
+_ET_LABELS = (3, 4)
+_LOOKED_FOR = (
+    "<case>/<case>_{t1,t1ce,t2,flair}.nii.gz with optional <case>_seg.nii.gz (BraTS 2018-2021 naming, "
+    "HGG/LGG folders optional), <case>/<case>-{t1n,t1c,t2w,t2f}.nii.gz with optional <case>-seg.nii.gz "
+    "(BraTS 2023+ naming), or single 4-channel files <case>.nii.gz (T1, T1c, T2, FLAIR); .nii also accepted"
+)
+
+
+@dataclass
+class BratsCase:
+    """One case found on disk.
+
+    ``images`` holds the four sequence files in ``SEQUENCES`` order, or a single 4-channel file.
+    ``label`` is ``None`` for unlabeled (validation/test) cases. ``et_label`` is the enhancing-tumour value the
+    naming implies (4 for 2018-2021 naming, 3 for 2023+). ``group`` is ``"HGG"``/``"LGG"`` for 2018/2019 layouts.
+    """
+
+    case_id: str
+    images: list[str]
+    label: str | None
+    et_label: int
+    group: str | None = None
+
+
+def _nifti_stem(name: str) -> str | None:
+    """File name without ``.nii.gz``/``.nii``, or None for anything else."""
+    lower = name.lower()
+    if lower.endswith(".nii.gz"):
+        return name[: -len(".nii.gz")]
+    if lower.endswith(".nii"):
+        return name[: -len(".nii")]
+    return None
+
+
+def _walk_nifti(root: Path):
+    """Yield every NIfTI file under ``root`` (following symbolic links once), in a deterministic order."""
+    seen: set[str] = set()
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+        real = os.path.realpath(dirpath)
+        if real in seen:  # a link cycle
+            dirnames[:] = []
+            continue
+        seen.add(real)
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        for name in sorted(filenames):
+            if name.startswith("."):  # hidden files, macOS "._" resource forks shipped in BraTS archives
+                continue
+            stem = _nifti_stem(name)
+            if stem is not None:
+                yield Path(dirpath) / name, stem
+
+
+def _group_of(path: Path) -> str | None:
+    """``"HGG"``/``"LGG"`` when a folder of ``path`` is named so (nearest folder wins)."""
+    for part in reversed(path.parent.parts):
+        if part.upper() in ("HGG", "LGG"):
+            return part.upper()
+    return None
+
+
+def _header_shape(path: Path) -> tuple[int, ...] | None:
+    """Image shape read from the header only (no voxel data), None when the file is unreadable."""
+    try:
+        return tuple(int(s) for s in nib.load(str(path)).shape)
+    except Exception as e:  # noqa: BLE001 - any unreadable file is reported, not fatal for discovery
+        logger.warning("skipping %s: not a readable NIfTI header (%s)", path, e)
+        return None
+
+
+def _is_four_channel(shape: tuple[int, ...]) -> bool:
+    return len(shape) == 4 and (shape[-1] == len(SEQUENCES) or shape[0] == len(SEQUENCES))
+
+
+def discover_cases(dataset_dir: str, allow_incomplete: bool = False) -> list[BratsCase]:
+    """Find the BraTS cases under ``dataset_dir`` (any supported naming), sorted by case id.
+
+    A case that has some but not all four sequences raises a ``ValueError`` that lists every such case, the
+    missing sequences and its folder; with ``allow_incomplete=True`` those cases are skipped with a warning.
+    """
+    root = Path(dataset_dir).expanduser()
+    if not root.exists():
+        raise FileNotFoundError(
+            f"dataset_dir {str(root)!r} does not exist; set dataset_dir to a folder of BraTS cases or a datalist JSON"
+        )
+    if not root.is_dir():
+        raise ValueError(f"dataset_dir {str(root)!r} is not a folder; give a folder of BraTS cases or a datalist JSON")
+    root = root.resolve()
+
+    slots: dict[str, dict[str, Path]] = {}  # case id -> {"t1"|...|"label"|"image4d": path}
+    naming: dict[str, int] = {}  # case id -> et label implied by the naming
+    duplicates: list[str] = []
+    unmatched: list[tuple[Path, str]] = []
+
+    def put(case_id: str, key: str, path: Path, et_label: int) -> None:
+        case = slots.setdefault(case_id, {})
+        if key in case and case[key] != path:
+            duplicates.append(f"{case_id} {key}: {case[key]} and {path}")
+            return
+        case[key] = path
+        naming.setdefault(case_id, et_label)
+
+    for path, stem in _walk_nifti(root):
+        m = _DASH_RE.match(stem)
+        if m:
+            put(m["case"], _DASH_SUFFIXES[m["suffix"].lower()], path, 3)
+            continue
+        m = _UNDERSCORE_RE.match(stem)
+        if m:
+            put(m["case"], _UNDERSCORE_SUFFIXES[m["suffix"].lower()], path, 4)
+            continue
+        unmatched.append((path, stem))
+
+    # single 4-channel files first, then 3-D files named like one of them are its label (labels/<case>.nii.gz)
+    label_candidates: list[tuple[Path, str]] = []
+    for path, stem in unmatched:
+        shape = _header_shape(path)
+        if shape is None:
+            continue
+        if _is_four_channel(shape):
+            put(stem, "image4d", path, 4)
+        elif len(shape) == 3 or (len(shape) == 4 and shape[-1] == 1):
+            label_candidates.append((path, stem))
+        else:
+            logger.warning(
+                "skipping %s: shape %s is neither a 3-D volume nor 4 channels (T1, T1c, T2, FLAIR) first or last",
+                path,
+                shape,
+            )
+    for path, stem in label_candidates:
+        case = slots.get(stem)
+        if case is not None and "image4d" in case and "label" not in case:
+            case["label"] = path
+
+    if duplicates:
+        raise ValueError(
+            "the same case and sequence was found more than once under "
+            f"{root}; keep one copy of each:\n  " + "\n  ".join(duplicates)
+        )
+
+    cases: list[BratsCase] = []
+    incomplete: list[str] = []
+    for case_id in sorted(slots):
+        files = slots[case_id]
+        present = [s for s in SEQUENCES if s in files]
+        label = str(files["label"]) if "label" in files else None
+        first = next(iter(files.values()))
+        if "image4d" in files:
+            if present:
+                incomplete.append(
+                    f"{case_id}: both a 4-channel file and separate sequence files ({', '.join(present)}) "
+                    f"in {files['image4d'].parent}; keep one form"
+                )
+                continue
+            images = [str(files["image4d"])]
+        elif len(present) == len(SEQUENCES):
+            images = [str(files[s]) for s in SEQUENCES]
+        else:
+            missing = [s for s in SEQUENCES if s not in files]
+            incomplete.append(f"{case_id}: missing {', '.join(missing)} in {first.parent}")
+            continue
+        cases.append(BratsCase(case_id, images, label, naming[case_id], _group_of(first)))
+
+    if incomplete:
+        if not allow_incomplete:
+            raise ValueError(
+                f"{len(incomplete)} incomplete case(s) under {root} (every case needs T1, T1c, T2 and FLAIR):\n  "
+                + "\n  ".join(incomplete)
+                + "\ncomplete or remove them, or pass allow_incomplete=True to skip them"
+            )
+        logger.warning("skipping %d incomplete case(s):\n  %s", len(incomplete), "\n  ".join(incomplete))
+    if not cases:
+        raise ValueError(f"no BraTS cases found under {root}; looked for {_LOOKED_FOR}")
+    return cases
+
+
+def _check_et_label(et_label: Any) -> int:
+    try:
+        value = int(et_label)
+    except (TypeError, ValueError):
+        value = None
+    if value not in _ET_LABELS or isinstance(et_label, bool):
+        raise ValueError(f"et_label must be 4 (BraTS 2018-2021 labels) or 3 (BraTS 2023+ labels), got {et_label!r}")
+    return value
+
+
+def _assign_folds(entries: list[dict], folds: int, seed: int) -> None:
+    """Write ``"fold"`` into ``entries``: balanced sizes, stratified by ``"group"``, deterministic for ``seed``.
+
+    Cases of each group (sorted group order) are shuffled and dealt round-robin with one counter running over all
+    groups, so the folds differ in size by at most one overall and within every group.
+    """
+    rng = np.random.default_rng(seed)
+    by_group: dict[str, list[dict]] = {}
+    for entry in entries:
+        by_group.setdefault(str(entry.get("group") or ""), []).append(entry)
+    counter = 0
+    for group in sorted(by_group):
+        members = sorted(by_group[group], key=lambda e: str(e.get("case_id", "")))
+        for index in rng.permutation(len(members)):
+            members[int(index)]["fold"] = counter % folds
+            counter += 1
+
+
+def _check_folds(folds: Any) -> int:
+    if isinstance(folds, bool) or not isinstance(folds, (int, np.integer)) or folds < 2:
+        raise ValueError(f"folds must be an integer >= 2, got {folds!r}")
+    return int(folds)
+
+
+def make_datalist(
+    dataset_dir: str, folds: int = 5, seed: int = 0, et_label: int | None = None, allow_incomplete: bool = False
+) -> dict:
+    """Datalist (MONAI decathlon style) of the cases under ``dataset_dir`` with ``folds`` cross-validation folds.
+
+    ``et_label`` overrides the value the file naming implies (4 for 2018-2021 naming, 3 for 2023+ naming).
+    Paths are absolute.
+    """
+    folds = _check_folds(folds)
+    cases = discover_cases(dataset_dir, allow_incomplete=allow_incomplete)
+    if et_label is None:
+        implied = sorted({c.et_label for c in cases})
+        if len(implied) > 1:
+            raise ValueError(
+                f"{dataset_dir} mixes BraTS 2018-2021 file naming (ET label 4) and BraTS 2023+ naming (ET label 3); "
+                "set et_label explicitly or keep one naming per dataset"
+            )
+        et_label = implied[0]
+    et_label = _check_et_label(et_label)
+
+    training: list[dict] = []
+    testing: list[dict] = []
+    for case in cases:
+        entry: dict[str, Any] = {"case_id": case.case_id, "image": list(case.images)}
+        if case.label is None:
+            testing.append(entry)
+            continue
+        entry["label"] = case.label
+        if case.group is not None:
+            entry["group"] = case.group
+        training.append(entry)
+    _assign_folds(training, folds, seed)
+    if 0 < len(training) < folds:
+        logger.warning("only %d labeled case(s) for %d folds: some validation folds are empty", len(training), folds)
+    return {
+        "name": Path(dataset_dir).expanduser().resolve().name,
+        "et_label": et_label,
+        "channel_order": list(SEQUENCES),
+        "numFolds": folds,
+        "seed": int(seed),
+        "training": training,
+        "testing": testing,
+    }
+
+
+def _relative_to(path: str, base: Path) -> str:
+    return os.path.relpath(path, base)
+
+
+def write_datalist(
+    dataset_dir: str,
+    output: str,
+    folds: int = 5,
+    seed: int = 0,
+    et_label: int | None = None,
+    allow_incomplete: bool = False,
+    relative: bool = False,
+) -> str:
+    """Discover ``dataset_dir``, write its datalist to ``output`` atomically and return the path written.
+
+    With ``relative=True`` the paths are written relative to the JSON's folder (``load_datalist`` resolves them).
+    Prints a one-line summary.
+    """
+    datalist = make_datalist(dataset_dir, folds=folds, seed=seed, et_label=et_label, allow_incomplete=allow_incomplete)
+    out = Path(output).expanduser().resolve()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if relative:
+        for entry in datalist["training"] + datalist["testing"]:
+            entry["image"] = [_relative_to(p, out.parent) for p in entry["image"]]
+            if "label" in entry:
+                entry["label"] = _relative_to(entry["label"], out.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(datalist, f, indent=2)
+            f.write("\n")
+        os.replace(tmp, out)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    sizes = [sum(e["fold"] == k for e in datalist["training"]) for k in range(datalist["numFolds"])]
+    print(
+        f"wrote {out}: {len(datalist['training'])} labeled cases in {datalist['numFolds']} folds "
+        f"({'/'.join(map(str, sizes))}), {len(datalist['testing'])} unlabeled, et_label {datalist['et_label']}"
+    )
+    return str(out)
+
+
+_SEQUENCE_ALIASES = {
+    "t1": "t1",
+    "t1n": "t1",
+    "t1c": "t1c",
+    "t1ce": "t1c",
+    "t1gd": "t1c",
+    "t2": "t2",
+    "t2w": "t2",
+    "flair": "flair",
+    "t2f": "flair",
+}
+
+
+def _resolve(path: Any, base: Path, where: str) -> str:
+    if not isinstance(path, (str, os.PathLike)):
+        raise ValueError(f"{where}: expected a file path, got {path!r}")
+    p = Path(path).expanduser()
+    return str(p if p.is_absolute() else (base / p).resolve())
+
+
+def _normalise_entry(item: Any, base: Path, where: str) -> dict:
+    """Copy of one datalist entry with absolute paths; ``image`` always a list in ``SEQUENCES`` order."""
+    if isinstance(item, (str, os.PathLike)):  # decathlon "testing": ["imagesTs/x.nii.gz", ...]
+        item = {"image": item}
+    if not isinstance(item, dict) or "image" not in item:
+        raise ValueError(f"{where}: each entry needs an 'image' (4 sequence paths or one 4-channel file), got {item!r}")
+    entry = dict(item)
+    image = entry["image"]
+    if isinstance(image, dict):  # keyed by sequence name: {"t1": ..., "t1c": ..., "t2": ..., "flair": ...}
+        keyed = {}
+        for key, value in image.items():
+            name = _SEQUENCE_ALIASES.get(str(key).lower())
+            if name is None:
+                raise ValueError(f"{where}: unknown sequence name {key!r}; use {', '.join(SEQUENCES)}")
+            keyed[name] = value
+        missing = [s for s in SEQUENCES if s not in keyed]
+        if missing:
+            raise ValueError(f"{where}: 'image' lacks {', '.join(missing)}; give all of {', '.join(SEQUENCES)}")
+        image = [keyed[s] for s in SEQUENCES]
+    elif not isinstance(image, (list, tuple)):
+        image = [image]
+    entry["image"] = [_resolve(p, base, where) for p in image]
+    if entry.get("label") is not None:
+        entry["label"] = _resolve(entry["label"], base, where)
+    if not entry.get("case_id"):
+        entry["case_id"] = _case_id_from_path(entry["image"][0])
+    return entry
+
+
+def _case_id_from_path(path: str) -> str:
+    stem = _nifti_stem(Path(path).name) or Path(path).stem
+    for pattern in (_DASH_RE, _UNDERSCORE_RE):
+        m = pattern.match(stem)
+        if m:
+            return m["case"]
+    return stem
+
+
+def _implied_et_label(entries: list[dict]) -> int:
+    """3 when every image file uses the BraTS 2023+ dash naming, else 4."""
+    stems = [_nifti_stem(Path(p).name) or "" for e in entries for p in e["image"]]
+    return 3 if stems and all(_DASH_RE.match(s) for s in stems) else 4
+
+
+def load_datalist(
+    source: str, folds: int = 5, seed: int = 0, et_label: int | None = None, allow_incomplete: bool = False
+) -> dict:
+    """Datalist from a dataset folder (discovered) or an existing datalist JSON.
+
+    Relative paths in a JSON are resolved against the JSON's folder. Entries may give ``image`` as a list in
+    ``SEQUENCES`` order, one 4-channel path, or a dict keyed by sequence name. Training entries without ``fold``
+    get folds assigned with ``folds``/``seed``; ``et_label`` overrides the JSON's value (when the JSON has none: 3 for
+    BraTS 2023+ file naming, else 4).
+    """
+    path = Path(str(source)).expanduser()
+    if not path.exists():
+        raise FileNotFoundError(
+            f"dataset_dir {str(path)!r} does not exist; set dataset_dir to a folder of BraTS cases or a datalist JSON"
+        )
+    if path.is_dir():
+        return make_datalist(str(path), folds=folds, seed=seed, et_label=et_label, allow_incomplete=allow_incomplete)
+    if path.suffix.lower() != ".json":
+        raise ValueError(
+            f"dataset_dir {str(path)!r} is a file but not a datalist JSON; give the folder of BraTS cases or a .json "
+            "datalist (write one with custom.data.write_datalist)"
+        )
+    try:
+        raw = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"datalist {path} is not valid JSON ({e}); fix it or write a new one") from e
+    if not isinstance(raw, dict) or not isinstance(raw.get("training", []), list) or not isinstance(
+        raw.get("testing", []), list
+    ):
+        raise ValueError(f"datalist {path} must be a JSON object with 'training' and/or 'testing' lists")
+    if not raw.get("training") and not raw.get("testing"):
+        raise ValueError(f"datalist {path} has no 'training' or 'testing' entries")
+
+    base = path.resolve().parent
+    datalist = dict(raw)
+    training = [_normalise_entry(e, base, f"{path} training[{i}]") for i, e in enumerate(raw.get("training", []))]
+    testing = [_normalise_entry(e, base, f"{path} testing[{i}]") for i, e in enumerate(raw.get("testing", []))]
+    unlabeled = [e["case_id"] for e in training if e.get("label") is None]
+    if unlabeled:
+        raise ValueError(
+            f"datalist {path}: training entries without 'label': {', '.join(unlabeled)}; add labels or move them to "
+            "'testing'"
+        )
+    if "numFolds" in raw:
+        n_folds = _check_folds(raw["numFolds"])
+    elif any("fold" in e for e in training):
+        n_folds = max(int(e.get("fold", 0)) for e in training) + 1
+    else:
+        n_folds = _check_folds(folds)
+    if training and not all("fold" in e for e in training):
+        _assign_folds(training, n_folds, seed)
+        datalist["seed"] = int(seed)
+    for e in training:
+        if not isinstance(e["fold"], (int, np.integer)) or isinstance(e["fold"], bool) or not 0 <= e["fold"] < n_folds:
+            raise ValueError(f"datalist {path}: case {e['case_id']} has fold {e['fold']!r}, expected 0..{n_folds - 1}")
+    datalist.update(
+        {
+            "et_label": _check_et_label(
+                et_label if et_label is not None else raw.get("et_label", _implied_et_label(training + testing))
+            ),
+            "channel_order": raw.get("channel_order", list(SEQUENCES)),
+            "numFolds": n_folds,
+            "training": training,
+            "testing": testing,
+        }
+    )
+    if [str(c).lower() for c in datalist["channel_order"]] != list(SEQUENCES):
+        raise ValueError(
+            f"datalist {path} declares channel_order {datalist['channel_order']}; this model expects "
+            f"{list(SEQUENCES)} (T1, T1c, T2, FLAIR): re-order the 'image' lists"
+        )
+    datalist.setdefault("name", path.stem)
+    return datalist
+
+
+def _num_folds(datalist: dict) -> int:
+    if "numFolds" in datalist:
+        return int(datalist["numFolds"])
+    return max((int(e.get("fold", 0)) for e in datalist.get("training", [])), default=0) + 1
+
+
+def _check_fold(datalist: dict, fold: Any) -> int:
+    n = _num_folds(datalist)
+    if isinstance(fold, str) and fold.strip().isdigit():  # "--fold 0" passed through as text
+        fold = int(fold)
+    if isinstance(fold, bool) or not isinstance(fold, (int, np.integer)) or not 0 <= fold < n:
+        raise ValueError(f"fold {fold!r} is out of range: this datalist has {n} folds, valid folds are 0..{n - 1}")
+    return int(fold)
+
+
+def _copy(entry: dict) -> dict:
+    out = dict(entry)
+    if isinstance(out.get("image"), list):
+        out["image"] = list(out["image"])
+    return out
+
+
+def training_files(datalist: dict, fold: int) -> list[dict]:
+    """Training entries of every fold except ``fold`` (copies)."""
+    fold = _check_fold(datalist, fold)
+    return [_copy(e) for e in datalist.get("training", []) if int(e["fold"]) != fold]
+
+
+def validation_files(datalist: dict, fold: int) -> list[dict]:
+    """Training entries of ``fold`` (copies); ``ValueError`` naming the valid range when ``fold`` is out of it."""
+    fold = _check_fold(datalist, fold)
+    return [_copy(e) for e in datalist.get("training", []) if int(e["fold"]) == fold]
+
+
+def testing_files(datalist: dict) -> list[dict]:
+    """Unlabeled entries (copies)."""
+    return [_copy(e) for e in datalist.get("testing", [])]
+
+
+def resolve_et_label(datalist: dict, et_label: int | None) -> int:
+    """The ET label to use: an explicit ``et_label`` wins, else the datalist's (default 4)."""
+    return _check_et_label(et_label if et_label is not None else datalist.get("et_label", 4))
