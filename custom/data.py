@@ -40,6 +40,8 @@ __all__ = [
     "validation_files",
     "testing_files",
     "resolve_et_label",
+    "implied_et_label",
+    "case_id_from_path",
 ]
 
 logger = logging.getLogger(__name__)
@@ -133,11 +135,14 @@ def _is_four_channel(shape: tuple[int, ...]) -> bool:
     return len(shape) == 4 and (shape[-1] == len(SEQUENCES) or shape[0] == len(SEQUENCES))
 
 
-def discover_cases(dataset_dir: str, allow_incomplete: bool = False) -> list[BratsCase]:
+def discover_cases(
+    dataset_dir: str, allow_incomplete: bool = False, incomplete_cases: dict[str, str] | None = None
+) -> list[BratsCase]:
     """Find the BraTS cases under ``dataset_dir`` (any supported naming), sorted by case id.
 
     A case that has some but not all four sequences raises a ``ValueError`` that lists every such case, the
-    missing sequences and its folder; with ``allow_incomplete=True`` those cases are skipped with a warning.
+    missing sequences and its folder; with ``allow_incomplete=True`` those cases are skipped with a warning and,
+    when ``incomplete_cases`` is given, recorded there as ``{case_id: what is wrong}`` (inference reports them).
     """
     root = Path(dataset_dir).expanduser()
     if not root.exists():
@@ -212,6 +217,8 @@ def discover_cases(dataset_dir: str, allow_incomplete: bool = False) -> list[Bra
                     f"{case_id}: both a 4-channel file and separate sequence files ({', '.join(present)}) "
                     f"in {files['image4d'].parent}; keep one form"
                 )
+                if incomplete_cases is not None:
+                    incomplete_cases[case_id] = incomplete[-1].split(": ", 1)[1]
                 continue
             images = [str(files["image4d"])]
         elif len(present) == len(SEQUENCES):
@@ -219,6 +226,8 @@ def discover_cases(dataset_dir: str, allow_incomplete: bool = False) -> list[Bra
         else:
             missing = [s for s in SEQUENCES if s not in files]
             incomplete.append(f"{case_id}: missing {', '.join(missing)} in {first.parent}")
+            if incomplete_cases is not None:
+                incomplete_cases[case_id] = incomplete[-1].split(": ", 1)[1]
             continue
         cases.append(BratsCase(case_id, images, label, naming[case_id], _group_of(first)))
 
@@ -403,11 +412,11 @@ def _normalise_entry(item: Any, base: Path, where: str) -> dict:
     if entry.get("label") is not None:
         entry["label"] = _resolve(entry["label"], base, where)
     if not entry.get("case_id"):
-        entry["case_id"] = _case_id_from_path(entry["image"][0])
+        entry["case_id"] = case_id_from_path(entry["image"][0])
     return entry
 
 
-def _case_id_from_path(path: str) -> str:
+def case_id_from_path(path: str) -> str:
     stem = _nifti_stem(Path(path).name) or Path(path).stem
     for pattern in (_DASH_RE, _UNDERSCORE_RE):
         m = pattern.match(stem)
@@ -416,7 +425,7 @@ def _case_id_from_path(path: str) -> str:
     return stem
 
 
-def _implied_et_label(entries: list[dict]) -> int:
+def implied_et_label(entries: list[dict]) -> int:
     """3 when every image file uses the BraTS 2023+ dash naming, else 4."""
     stems = [_nifti_stem(Path(p).name) or "" for e in entries for p in e["image"]]
     return 3 if stems and all(_DASH_RE.match(s) for s in stems) else 4
@@ -480,7 +489,7 @@ def load_datalist(
     datalist.update(
         {
             "et_label": _check_et_label(
-                et_label if et_label is not None else raw.get("et_label", _implied_et_label(training + testing))
+                et_label if et_label is not None else raw.get("et_label", implied_et_label(training + testing))
             ),
             "channel_order": raw.get("channel_order", list(SEQUENCES)),
             "numFolds": n_folds,
