@@ -1,0 +1,140 @@
+"""Pictures of a case: the real BraTS 2023 case of ../shared/data and synthetic cases."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib.image as mpimg
+import nibabel as nib
+import numpy as np
+import pytest
+
+from custom import visualize as vis
+from custom.synthetic import synthesize
+
+DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+REAL_CASE = DATA / "BraTS-GLI-00001-000"
+REAL_SEG = REAL_CASE / "BraTS-GLI-00001-000-seg.nii.gz"
+ISEN20 = DATA / "algorithm_segmentations" / "BraTS-GLI-00001-000_isen20.nii.gz"
+
+
+def _colour_fraction(png: np.ndarray, rgb, tol=0.12) -> float:
+    """Fraction of pixels close to ``rgb`` blended at 50 % over any grey (overlay pixels)."""
+    r, g, b = png[..., 0], png[..., 1], png[..., 2]
+    if rgb == "red":
+        mask = (r - g > 0.3) & (r - b > 0.3)
+    elif rgb == "green":
+        mask = (g - r > 0.3) & (g - b > 0.3)
+    else:  # yellow
+        mask = (r - b > 0.3) & (g - b > 0.3) & (np.abs(r - g) < tol)
+    return float(mask.mean())
+
+
+@pytest.fixture(scope="module")
+def synthetic_case(tmp_path_factory):
+    root = tmp_path_factory.mktemp("vis")
+    synthesize(root, 2, (32, 32, 32), seed=0)
+    return root / "BraTS2021_00000"
+
+
+def test_real_case_with_reference(tmp_path):
+    if not REAL_CASE.is_dir() or not ISEN20.is_file():
+        pytest.skip(f"real BraTS case not available at {DATA} (see shared/data/README.md)")
+    out = vis.visualize(str(REAL_CASE), str(REAL_SEG), str(tmp_path / "pics" / "real.png"), reference=str(ISEN20))
+    assert out == str(tmp_path / "pics" / "real.png")
+    png = mpimg.imread(out)
+    assert png.ndim == 3 and png.shape[0] >= 600 and png.shape[1] >= 1200, png.shape  # 3 rows x 6 columns
+    assert png.shape[1] > 1.4 * png.shape[0]
+    # overlays (seg uses 3 for ET, isen20 uses 4: both detected) and the legend are drawn
+    for colour in ("red", "green", "yellow"):
+        assert _colour_fraction(png, colour) > 1e-3, colour
+    assert not list((tmp_path / "pics").glob(".*tmp")), "no temporary file left"
+
+
+def test_real_case_four_files_and_explicit_et_label(tmp_path):
+    if not REAL_CASE.is_dir():
+        pytest.skip(f"real BraTS case not available at {DATA} (see shared/data/README.md)")
+    files = ",".join(str(REAL_CASE / f"BraTS-GLI-00001-000-{s}.nii.gz") for s in ("t1n", "t1c", "t2w", "t2f"))
+    out = vis.visualize(files, str(REAL_SEG), str(tmp_path / "four.png"), et_label=3)
+    png = mpimg.imread(out)
+    assert png.shape[1] < 1400, "5 columns without a reference"
+    with pytest.raises(ValueError, match=r"label values \[3\].*et_label"):
+        vis.visualize(files, str(REAL_SEG), str(tmp_path / "bad.png"), et_label=4)
+    assert not (tmp_path / "bad.png").exists()
+
+
+def test_synthetic_case_folder_files_and_four_channel_file(synthetic_case, tmp_path):
+    seg = synthetic_case / "BraTS2021_00000_seg.nii.gz"
+    a = mpimg.imread(vis.visualize(synthetic_case, seg, tmp_path / "a.png"))
+    assert a.shape[0] > 300 and a.shape[1] > 900
+    assert _colour_fraction(a, "green") > 1e-3
+
+    files = [synthetic_case / f"BraTS2021_00000_{s}.nii.gz" for s in ("t1", "t1ce", "t2", "flair")]
+    cid, volumes, spacing = vis.load_case(",".join(map(str, files)))
+    assert cid == "BraTS2021_00000" and spacing == (1.0, 1.0, 1.0)
+
+    # the same case as one 4-channel NIfTI, channels last and channels first
+    stack = np.stack([np.asarray(nib.load(str(f)).dataobj) for f in files], axis=-1)
+    affine = nib.load(str(files[0])).affine
+    for name, data in (("last.nii.gz", stack), ("first.nii.gz", np.moveaxis(stack, -1, 0))):
+        nib.save(nib.Nifti1Image(data, affine), str(tmp_path / name))
+        _, four, _ = vis.load_case(str(tmp_path / name))
+        for seq in vis.SEQUENCE_NAMES:
+            assert np.array_equal(four[seq], volumes[seq]), (name, seq)
+    # prediction given as a folder holding <case_id>.nii.gz
+    preds = tmp_path / "preds"
+    preds.mkdir()
+    (preds / "last.nii.gz").write_bytes(seg.read_bytes())
+    assert Path(vis.visualize(tmp_path / "last.nii.gz", preds, tmp_path / "b.png")).is_file()
+
+
+def test_radiological_orientation(tmp_path):
+    """A marker at the patient's right-anterior-superior ends up left/top in axial, left/top in coronal,
+    and anterior (left)/top in sagittal, for a BraTS-like LPS file."""
+    shape = (40, 40, 40)
+    affine = np.diag([-1.0, -1.0, 1.0, 1.0])  # voxel i -> world x = -i: large i = patient's left
+    vol = np.ones(shape, np.int16) * 100
+    # world: right (x > 0 small i), anterior (y > 0 small j), superior (large k)
+    vol[2:6, 2:6, 34:38] = 1000
+    for s in ("t1", "t1ce", "t2", "flair"):
+        nib.save(nib.Nifti1Image(vol, affine), str(tmp_path / f"case_{s}.nii.gz"))
+    _, volumes, _ = vis.load_case(tmp_path)
+    t1 = volumes["T1"]
+    centre = tuple(int(np.mean(i)) for i in np.nonzero(t1 > 500))
+    for view in ("axial", "coronal", "sagittal"):
+        pic = vis._slice(t1, view, centre)
+        rows, cols = np.nonzero(pic > 500)
+        assert cols.mean() < pic.shape[1] / 2, f"{view}: patient's right (anterior in sagittal) must be on the left"
+        assert rows.mean() < pic.shape[0] / 2, f"{view}: anterior (superior) must be at the top"
+
+
+def test_clear_errors(synthetic_case, tmp_path):
+    seg = synthetic_case / "BraTS2021_00000_seg.nii.gz"
+    incomplete = tmp_path / "BraTS2021_99999"
+    incomplete.mkdir()
+    for s in ("t1", "t1ce", "t2"):
+        source = synthetic_case / f"BraTS2021_00000_{s}.nii.gz"
+        (incomplete / f"BraTS2021_99999_{s}.nii.gz").write_bytes(source.read_bytes())
+    with pytest.raises(FileNotFoundError, match=r"BraTS2021_99999.*no FLAIR file"):
+        vis.visualize(incomplete, seg, tmp_path / "x.png")
+
+    small = tmp_path / "small_flair.nii.gz"
+    nib.save(nib.Nifti1Image(np.ones((16, 16, 16), np.int16), np.eye(4)), str(small))
+    files = [synthetic_case / f"BraTS2021_00000_{s}.nii.gz" for s in ("t1", "t1ce", "t2")] + [small]
+    with pytest.raises(ValueError, match=r"shape mismatch: .*small_flair\.nii\.gz"):
+        vis.visualize(",".join(map(str, files)), seg, tmp_path / "x.png")
+
+    with pytest.raises(ValueError, match=r"shape mismatch: prediction .*small_flair\.nii\.gz"):
+        vis.visualize(synthetic_case, small, tmp_path / "x.png")
+    with pytest.raises(FileNotFoundError, match="missing_seg.nii.gz"):
+        vis.visualize(synthetic_case, tmp_path / "missing_seg.nii.gz", tmp_path / "x.png")
+    with pytest.raises(ValueError, match=r"4 channels, shape \(X, Y, Z, 4\)"):
+        vis.visualize(small, None, tmp_path / "x.png")
+    assert not (tmp_path / "x.png").exists()
+
+
+def test_command_line(synthetic_case, tmp_path, capsys):
+    out = tmp_path / "cli.png"
+    assert vis.main(["--case", str(synthetic_case), "--prediction",
+                     str(synthetic_case / "BraTS2021_00000_seg.nii.gz"), "--output", str(out)]) == 0  # fmt: skip
+    assert capsys.readouterr().out.strip() == str(out) and out.is_file()
