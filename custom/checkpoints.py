@@ -26,6 +26,7 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
+TRAINING_ONLY = "stage2_trilinear_decoder."  # state-dict prefix of the decoder used only in training
 SNAPSHOT_PATTERN = re.compile(r"^snapshot_epoch=(\d+)\.pt$")
 
 
@@ -156,6 +157,8 @@ class EpochSnapshotSaver:
 class BestModelSaver:
     """Writes the network weights to ``filename`` (atomically) whenever the validator's key metric improves.
 
+    The file is the inference model: the training-only trilinear decoder is left out, so it loads strictly into
+    the ``network_def`` of inference.json (and MONAI Label, ``ckpt_export``).
     Attach to the validation evaluator. The previous best survives any crash during a save.
     """
 
@@ -169,7 +172,8 @@ class BestModelSaver:
     def __call__(self, engine: Engine) -> None:
         if self.rank != 0 or engine.state.best_metric_epoch != engine.state.epoch:
             return
-        atomic_save(_unwrap(self.network).state_dict(), self.path)
+        weights = {k: v for k, v in _unwrap(self.network).state_dict().items() if not k.startswith(TRAINING_ONLY)}
+        atomic_save(weights, self.path)
         logger.info(f"new best {engine.state.key_metric_name}={engine.state.best_metric:.4f}: saved {self.path}")
 
 

@@ -63,6 +63,7 @@ __all__ = [
     "case_metrics",
     "summarize",
     "evaluate_folder",
+    "evaluate_entries",
 ]
 
 REGIONS = ("wt", "tc", "et")
@@ -333,7 +334,31 @@ def evaluate_folder(
         raise FileNotFoundError(
             f"no reference label maps in {ref_path}: expected a BraTS dataset folder or <case_id>.nii.gz files{detail}."
         )
-    predictions = _flat_niftis(pred_path)
+    return _evaluate_references(references, pred_path, Path(output_csv), et_label, ref_et_label, hd95_mode)
+
+
+def evaluate_entries(
+    entries: list[dict], pred_dir: str, output_csv: str, et_label: int = 4, hd95_mode: str = "max_directed"
+) -> list[dict]:
+    """Evaluate ``<pred_dir>/<case_id>.nii.gz`` against the ``label`` files of datalist entries (one fold's
+    validation cases); both use ``et_label``. Same output, failure handling and return value as ``evaluate_folder``."""
+    if hd95_mode not in HD95_MODES:
+        raise ValueError(f"hd95_mode must be one of {HD95_MODES}, got {hd95_mode!r}.")
+    references = {str(e["case_id"]): (Path(e["label"]), et_label) for e in entries if e.get("label")}
+    if not references:
+        raise ValueError("no labelled cases to evaluate: the entries have no `label` files.")
+    return _evaluate_references(references, Path(pred_dir), Path(output_csv), et_label, None, hd95_mode)
+
+
+def _evaluate_references(
+    references: dict[str, tuple[Path, int | None]],
+    pred_path: Path,
+    output_csv: Path,
+    et_label: int,
+    ref_et_label: int | None,
+    hd95_mode: str,
+) -> list[dict]:
+    predictions = _flat_niftis(pred_path) if pred_path.is_dir() else {}
 
     rows: list[dict] = []
     failures: list[str] = []
@@ -367,7 +392,7 @@ def evaluate_folder(
         print(f"note: {len(extra)} prediction(s) without a reference, not evaluated: {', '.join(extra)}")
 
     table = rows + summarize(rows)
-    _write_csv_atomic(table, Path(output_csv))
+    _write_csv_atomic(table, output_csv)
     if rows:
         mean = table[len(rows)]
         means = ", ".join(f"{r.upper()} {mean[f'dice_{r}']:.4f}" for r in REGIONS)

@@ -1,0 +1,134 @@
+"""train.json and evaluate.json end to end on tiny synthetic BraTS data; resume after SIGKILL; atomic saves."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from monai.bundle import ConfigParser, ConfigWorkflow
+
+from conftest import CONFIG_DIR, REPO_ROOT
+from custom.checkpoints import atomic_save, list_snapshots, load_state_dict
+from custom.synthetic import synthesize
+
+TINY = {
+    "epochs": 1,
+    "val_interval": 1,
+    "patch_size": [32, 32, 32],
+    "num_workers": 0,
+    "num_folds": 3,
+    "network_def#init_filters": 8,
+    "network_def#blocks_down": [1, 1, 1, 1],
+}
+
+
+@pytest.fixture(scope="module")
+def tiny_dataset(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("synthetic")
+    synthesize(str(folder), num_cases=6, shape=(32, 32, 32), seed=3)
+    return folder
+
+
+def test_train_config_properties_and_network():
+    parser = ConfigParser()
+    parser.read_config(str(CONFIG_DIR / "train.json"))
+    network = parser.get_parsed_content("network_def")
+    assert sum(p.numel() for p in network.parameters()) == 24_924_105  # the paper's cascade, see test_network
+    workflow = ConfigWorkflow(config_file=str(CONFIG_DIR / "train.json"), workflow_type="train")
+    assert workflow.check_properties() == []
+    assert "training" in parser.config and parser.config["training"] == "$@run"
+
+
+def test_train_one_epoch_then_evaluate(tiny_dataset, tmp_path):
+    output_dir = tmp_path / "run"
+    workflow = ConfigWorkflow(
+        config_file=str(CONFIG_DIR / "train.json"),
+        workflow_type="train",
+        dataset_dir=str(tiny_dataset),
+        output_dir=str(output_dir),
+        **TINY,
+    )
+    workflow.initialize()
+    assert workflow.check_properties() == []
+    workflow.run()
+    trainer = workflow.parser.get_parsed_content("train#trainer")
+    assert trainer.state.epoch == 1
+    assert set(trainer.state.metrics) >= {"val_mean_dice", "val_dice_tc", "val_dice_wt", "val_dice_et"}
+    assert 0.0 <= trainer.state.metrics["val_mean_dice"] <= 1.0
+    models = output_dir / "models"
+    assert [e for e, _ in list_snapshots(str(models))] == [1]
+    assert (models / "model.pt").exists() and any((output_dir / "logs").iterdir())
+    weights = load_state_dict(str(models / "model.pt"))
+    assert not any(k.startswith("stage2_trilinear_decoder.") for k in weights)  # inference model only
+    workflow.finalize()
+
+    evaluation = ConfigWorkflow(
+        config_file=[str(CONFIG_DIR / "train.json"), str(CONFIG_DIR / "evaluate.json")],
+        workflow_type=None,
+        dataset_dir=str(tiny_dataset),
+        output_dir=str(output_dir),
+        tta=2,
+        **TINY,
+    )
+    evaluation.initialize()
+    evaluation.run()
+    rows = (output_dir / "eval" / "metrics.csv").read_text().splitlines()
+    validation_cases = evaluation.parser.get_parsed_content("evaluate#data")
+    assert len(rows) == 1 + len(validation_cases) + 5  # header, cases, mean/std/median/quantiles
+    assert rows[-5].startswith("mean,")
+    assert len(list((output_dir / "eval" / "predictions").iterdir())) == len(validation_cases)
+
+
+def _train_command(dataset, output_dir, epochs):
+    overrides = {**TINY, "epochs": epochs, "dataset_dir": str(dataset), "output_dir": str(output_dir), "cache": "none"}
+    command = [sys.executable, "-m", "monai.bundle", "run", "training", "--config_file", str(CONFIG_DIR / "train.json")]
+    for key, value in overrides.items():
+        command += [f"--{key}", json.dumps(value) if not isinstance(value, str) else value]
+    return command
+
+
+def test_resume_after_sigkill_continues_the_epoch_count(tiny_dataset, tmp_path):
+    output_dir, epochs = tmp_path / "run", 4
+    models = output_dir / "models"
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "OMP_NUM_THREADS": "1"}
+    process = subprocess.Popen(_train_command(tiny_dataset, output_dir, epochs), cwd=REPO_ROOT, env=env,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 240
+    while not (models / "snapshot_epoch=2.pt").exists():
+        assert process.poll() is None and time.time() < deadline, "training did not reach epoch 2"
+        time.sleep(0.2)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    killed_at = max(e for e, _ in list_snapshots(str(models)))
+    assert 2 <= killed_at < epochs
+
+    resumed = subprocess.run(_train_command(tiny_dataset, output_dir, epochs), cwd=REPO_ROOT, env=env,
+                             capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    log = resumed.stdout + resumed.stderr
+    assert f"resumed from" in log and f"epoch {killed_at} of {epochs} done" in log
+    assert f"Epoch[{killed_at + 1}] Complete" in log and "Epoch[1] Complete" not in log
+    final = torch.load(models / f"snapshot_epoch={epochs}.pt", weights_only=False)
+    assert final["trainer"]["epoch"] == epochs
+    # the LR schedule continued too: 5 warm-up epochs, so epoch 4 ran at 4/5 of the base rate
+    assert final["lr_scheduler"]["last_epoch"] == epochs
+    assert final["optimizer"]["param_groups"][0]["lr"] == pytest.approx(1e-4 * 5 / 5)
+
+
+def test_interrupted_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    path = tmp_path / "model.pt"
+    atomic_save({"w": torch.ones(2)}, str(path))
+
+    def crash(*args):
+        raise KeyboardInterrupt("killed between writing and renaming")
+
+    monkeypatch.setattr(os, "replace", crash)
+    with pytest.raises(KeyboardInterrupt):
+        atomic_save({"w": torch.zeros(2)}, str(path))
+    monkeypatch.undo()
+    assert torch.equal(torch.load(path, weights_only=True)["w"], torch.ones(2))
+    assert [p.name for p in tmp_path.iterdir()] == ["model.pt"]  # no temporary file left behind
