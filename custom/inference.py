@@ -16,7 +16,7 @@ from monai.data import MetaTensor
 from monai.inferers import Inferer
 from monai.transforms import MapTransform
 
-from custom.checkpoints import load_state_dict, resolve_checkpoints
+from custom.checkpoints import TRAINING_ONLY, load_state_dict, resolve_checkpoints
 from custom.data import case_id_from_path, discover_cases, implied_et_label, load_datalist
 from custom.transforms import regions_to_labels
 
@@ -111,17 +111,20 @@ class CheckpointEnsemble(torch.nn.Module):
 
 
 def _load_weights(network: torch.nn.Module, path: str) -> None:
-    state = load_state_dict(path)
-    own = network.state_dict()
-    # the training-only trilinear decoder is dropped when the inference network is built without it
-    state = {k: v for k, v in state.items() if k in own or not k.startswith("stage2_trilinear_decoder.")}
+    """Strict loading, except for the training-only trilinear decoder, which is never used in eval mode: it may
+    be absent from the file (``model.pt`` is saved without it) or from the network (inference.json builds none)."""
+    hint = "was it trained with other `network_def` settings (init_filters, blocks_down, blocks_up)? Use the same ones here."
     try:
-        network.load_state_dict(state, strict=True)
-    except RuntimeError as e:
+        result = network.load_state_dict(load_state_dict(path), strict=False)
+    except RuntimeError as e:  # shape mismatches
+        raise RuntimeError(f"checkpoint {path} does not fit `network_def` ({str(e).splitlines()[1].strip()}); {hint}") from e
+    missing = [k for k in result.missing_keys if not k.startswith(TRAINING_ONLY)]
+    unexpected = [k for k in result.unexpected_keys if not k.startswith(TRAINING_ONLY)]
+    if missing or unexpected:
         raise RuntimeError(
-            f"checkpoint {path} does not fit `network_def` ({str(e).splitlines()[0]}); "
-            "was it trained with other `network_def` settings (init_filters, blocks)? Use the same ones here."
-        ) from e
+            f"checkpoint {path} does not fit `network_def` ({len(missing)} missing weights, e.g. {missing[:2]}; "
+            f"{len(unexpected)} unexpected, e.g. {unexpected[:2]}); {hint}"
+        )
 
 
 def load_network(
