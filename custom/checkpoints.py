@@ -129,8 +129,8 @@ def _set_rng_state(state: Mapping) -> None:
 class EpochSnapshotSaver:
     """Saves ``snapshot_epoch=N.pt`` after every epoch and keeps the last ``n_saved``.
 
-    Each snapshot holds the objects of ``save_dict`` (network, optimizer, LR scheduler, AMP scaler), the state of
-    the trainer it is attached to (epoch and iteration counters) and the RNG states, so it serves both resume and
+    Each snapshot holds the objects of ``save_dict`` (network, optimizer, LR scheduler), the state of the trainer
+    it is attached to (epoch and iteration counters, and its AMP ``scaler`` when it has one) and the RNG states, so it serves both resume and
     the paper's snapshot ensemble of the last epochs. Attach it after ``LrScheduleHandler`` so the saved schedule
     has stepped; with ``rank`` other than 0 (distributed training) it does nothing.
     """
@@ -148,6 +148,8 @@ class EpochSnapshotSaver:
             return
         state = {key: _unwrap(obj).state_dict() for key, obj in self.save_dict.items() if obj is not None}
         state["trainer"] = engine.state_dict()
+        if getattr(engine, "scaler", None) is not None:  # AMP's GradScaler of MONAI's SupervisedTrainer
+            state["scaler"] = engine.scaler.state_dict()
         state["rng"] = _rng_state()
         atomic_save(state, os.path.join(self.save_dir, f"snapshot_epoch={engine.state.epoch}.pt"))
         for _, old in list_snapshots(self.save_dir)[: -self.n_saved]:
@@ -197,6 +199,8 @@ class ResumeFromLatest:
         checkpoint = torch.load(path, map_location=self.map_location, weights_only=False)
         objects = {key: _unwrap(obj) for key, obj in self.load_dict.items() if obj is not None and key in checkpoint}
         objects["trainer"] = engine
+        if getattr(engine, "scaler", None) is not None and "scaler" in checkpoint:
+            objects["scaler"] = engine.scaler
         Checkpoint.load_objects(to_load=objects, checkpoint=checkpoint)
         if "rng" in checkpoint:
             _set_rng_state(checkpoint["rng"])

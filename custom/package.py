@@ -1,0 +1,201 @@
+"""The model-zoo bundle zip: ``python -m custom package [--output PATH] [--with_weights] [--weights PATH]``.
+
+The zip unpacks to one folder named after the bundle (MONAI bundle specification, "Archive Format")::
+
+    <name>/
+      LICENSE
+      large_files.yml
+      configs/    every *.json, *.yaml / *.yml and logging.conf of the bundle
+      models/     empty unless weights are asked for: then model.pt
+      docs/       the model card and whatever else the bundle documents
+      custom/     this Python package (no caches), next to configs/ so the configs' ``$import custom`` works
+
+so the unpacked folder runs ``python -m monai.bundle run ...`` and ``python -m custom ...`` from inside it, without
+this repository installed. The zip is written to a temporary file beside the target and renamed into place.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import zipfile
+from pathlib import Path
+
+__all__ = ["package", "bundle_files", "default_output"]
+
+CONFIG_SUFFIXES = (".json", ".yaml", ".yml", ".conf")
+SKIPPED_DIRS = {"__pycache__", ".pytest_cache", ".mypy_cache", ".ipynb_checkpoints"}
+SKIPPED_SUFFIXES = (".pyc", ".pyo")
+ZIP_DATE = (1980, 1, 1, 0, 0, 0)  # fixed timestamps: the same sources give the same zip
+
+
+def _package_dir() -> Path:
+    return Path(__file__).resolve().parent
+
+
+def _bundle_dir() -> Path:
+    """The bundle folder (``configs/`` inside): ``bundle/`` of the repository, or the unpacked bundle itself."""
+    from custom.workflow import bundle_root
+
+    root = Path(bundle_root()).resolve()
+    if not (root / "configs" / "metadata.json").is_file():
+        raise FileNotFoundError(
+            f"no configs/metadata.json in {root}: run `python -m custom package` from the repository "
+            "(custom/ next to bundle/) or from an unpacked bundle (custom/ next to configs/)."
+        )
+    return root
+
+
+def _metadata(bundle_dir: Path) -> dict:
+    path = bundle_dir / "configs" / "metadata.json"
+    with open(path) as f:
+        metadata = json.load(f)
+    for key in ("name", "version"):
+        if not metadata.get(key):
+            raise ValueError(f"{path} has no `{key}`: the zip is named <name>_v<version>.zip and unpacks to <name>/.")
+    return metadata
+
+
+def default_output() -> str:
+    """``dist/<name>_v<version>.zip`` (relative to the working directory) from the bundle's metadata."""
+    metadata = _metadata(_bundle_dir())
+    return os.path.join("dist", f"{metadata['name']}_v{metadata['version']}.zip")
+
+
+def _tree(folder: Path, suffixes: tuple[str, ...] | None = None) -> list[Path]:
+    """Files under ``folder`` (sorted, relative), without caches, compiled files and hidden files."""
+    found = []
+    for path in sorted(folder.rglob("*")):
+        relative = path.relative_to(folder)
+        if any(part in SKIPPED_DIRS or part.startswith(".") for part in relative.parts):
+            continue
+        if not path.is_file() or path.suffix in SKIPPED_SUFFIXES:
+            continue
+        if suffixes is not None and path.suffix not in suffixes:
+            continue
+        found.append(relative)
+    return found
+
+
+def bundle_files(with_weights: bool = False, weights: str | os.PathLike | None = None) -> dict[str, Path]:
+    """What goes into the zip: ``{path inside <name>/: source file}``.
+
+    Raises ``FileNotFoundError`` naming the file when a required part (LICENSE, large_files.yml, the model card,
+    the weights asked for) is missing.
+    """
+    bundle_dir, package_dir = _bundle_dir(), _package_dir()
+    files: dict[str, Path] = {}
+    for name in ("LICENSE", "large_files.yml"):
+        source = bundle_dir / name
+        if not source.is_file():
+            raise FileNotFoundError(f"{source} is missing: every bundle zip ships it.")
+        files[name] = source
+    for relative in _tree(bundle_dir / "configs", CONFIG_SUFFIXES):
+        files[f"configs/{relative.as_posix()}"] = bundle_dir / "configs" / relative
+    if not (bundle_dir / "docs" / "README.md").is_file():
+        raise FileNotFoundError(f"{bundle_dir / 'docs' / 'README.md'} (the model card) is missing.")
+    for relative in _tree(bundle_dir / "docs"):
+        files[f"docs/{relative.as_posix()}"] = bundle_dir / "docs" / relative
+    for relative in _tree(package_dir, (".py",)):
+        files[f"custom/{relative.as_posix()}"] = package_dir / relative
+    if with_weights or weights is not None:
+        source = Path(weights) if weights is not None else bundle_dir / "models" / "model.pt"
+        if not source.is_file():
+            raise FileNotFoundError(
+                f"weights {source} do not exist: train first (the best model is written to <output_dir>/models/"
+                "model.pt; copy it to bundle/models/model.pt) or pass --weights PATH."
+            )
+        _check_weights(bundle_dir, source)
+        files["models/model.pt"] = source
+    return files
+
+
+def _check_weights(bundle_dir: Path, weights: Path) -> None:
+    """The weights must load strictly into ``network_def`` of configs/inference.json, as the bundle's users will load them."""
+    from monai.bundle import ConfigParser
+
+    from custom.checkpoints import load_state_dict
+
+    parser = ConfigParser()
+    parser.read_config(str(bundle_dir / "configs" / "inference.json"))
+    network = parser.get_parsed_content("network_def")
+    try:
+        network.load_state_dict(load_state_dict(str(weights)), strict=True)
+    except RuntimeError as e:
+        detail = " ".join(line.strip() for line in str(e).splitlines()[1:3])[:300]
+        raise ValueError(
+            f"weights {weights} do not fit `network_def` of {bundle_dir / 'configs' / 'inference.json'} "
+            f"({detail}): set network_def there to the settings the weights were trained with "
+            "(init_filters, blocks_down, blocks_up), or give the inference model that training writes "
+            "(<output_dir>/models/model.pt, without the training-only trilinear decoder)."
+        ) from e
+
+
+def _add(archive: zipfile.ZipFile, arcname: str, source: Path | None) -> None:
+    info = zipfile.ZipInfo(arcname, date_time=ZIP_DATE)
+    if source is None:  # a folder entry
+        info.external_attr = (0o40755 << 16) | 0x10
+        archive.writestr(info, b"")
+        return
+    info.external_attr = 0o644 << 16
+    info.compress_type = zipfile.ZIP_STORED if source.suffix in (".pt", ".ts", ".onnx") else zipfile.ZIP_DEFLATED
+    with open(source, "rb") as src, archive.open(info, "w", force_zip64=True) as dst:
+        while chunk := src.read(1 << 20):
+            dst.write(chunk)
+
+
+def package(
+    output: str | os.PathLike | None = None, with_weights: bool = False, weights: str | os.PathLike | None = None
+) -> str:
+    """Writes the bundle zip and returns its path.
+
+    Args:
+        output: the zip to write; default ``dist/<name>_v<version>.zip`` (``name`` and ``version`` from
+            ``configs/metadata.json``). Its folders are created.
+        with_weights: include ``models/model.pt`` of the bundle (``bundle/models/model.pt``).
+        weights: include this file as ``models/model.pt`` instead (implies ``with_weights``).
+    """
+    bundle_dir = _bundle_dir()
+    metadata = _metadata(bundle_dir)
+    name = metadata["name"]
+    output = Path(output if output is not None else default_output()).resolve()
+    files = bundle_files(with_weights=with_weights, weights=weights)
+    folders = sorted({f"{name}/{os.path.dirname(k)}/" for k in files if "/" in k} | {f"{name}/", f"{name}/models/"})
+
+    output.parent.mkdir(parents=True, exist_ok=True)
+    handle, tmp = tempfile.mkstemp(dir=output.parent, prefix=f".{output.name}.", suffix=".tmp")
+    os.close(handle)
+    try:
+        with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_DEFLATED, allowZip64=True) as archive:
+            for folder in folders:
+                _add(archive, folder, None)
+            for arcname in sorted(files):
+                _add(archive, f"{name}/{arcname}", files[arcname])
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, output)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+    size = output.stat().st_size / 2**20
+    weights_note = f"with weights {files['models/model.pt']}" if "models/model.pt" in files else "without weights"
+    print(f"wrote {output} ({len(files)} files, {size:.1f} MiB, {weights_note}); it unpacks to {name}/")
+    return str(output)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m custom.package``: the same as ``python -m custom package``."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m custom package", description=package.__doc__.splitlines()[0])
+    parser.add_argument("--output", default=None, help="zip to write (default dist/<name>_v<version>.zip)")
+    parser.add_argument("--with_weights", action="store_true", help="include bundle/models/model.pt")
+    parser.add_argument("--weights", default=None, help="include this checkpoint as models/model.pt")
+    args = parser.parse_args(argv)
+    package(args.output, args.with_weights, args.weights)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,272 @@
+"""The model-zoo bundle: metadata against the specification, the monai.bundle verbs (verify_net_in_out,
+ckpt_export, onnx_export), the bundle zip, and the unzipped bundle training and inferring on its own."""
+
+import hashlib
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+
+from conftest import CONFIG_DIR, REAL_CASE, REPO_ROOT, SHARED_DATA
+from custom.network import CascadedUNet
+from custom.package import bundle_files, default_output, package
+
+BUNDLE_DIR = REPO_ROOT / "bundle"
+META_FILE = CONFIG_DIR / "metadata.json"
+INFERENCE_CONFIG = CONFIG_DIR / "inference.json"
+SCHEMA = Path(__file__).resolve().parent / "meta_schema.json"
+# a small cascade for the export and end-to-end tests (the full one is 24.9 M parameters); every override names a
+# `network_def` argument, so the same overrides apply to ckpt_export, onnx_export and `monai.bundle run`
+SMALL = {"network_def#init_filters": 8, "network_def#blocks_down": [1, 1, 1, 1]}
+SMALL_ARGS = {"init_filters": 8, "blocks_down": (1, 1, 1, 1), "trilinear_decoder": False}
+
+
+def _cli_overrides(overrides: dict) -> list[str]:
+    args = []
+    for key, value in overrides.items():
+        args += [f"--{key}", value if isinstance(value, str) else json.dumps(value)]
+    return args
+
+
+def _run(command, cwd=REPO_ROOT, env=None, timeout=300):
+    result = subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    assert result.returncode == 0, f"{command} failed:\n{result.stdout[-3000:]}\n{result.stderr[-5000:]}"
+    return result.stdout + result.stderr
+
+
+@pytest.fixture(scope="module")
+def small_checkpoint(tmp_path_factory) -> Path:
+    """Random weights of the small inference network, as training would write them (no trilinear decoder)."""
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("weights") / "model.pt"
+    torch.save(CascadedUNet(**SMALL_ARGS).state_dict(), path)
+    return path
+
+
+def _eager(checkpoint: Path) -> CascadedUNet:
+    network = CascadedUNet(**SMALL_ARGS)
+    network.load_state_dict(torch.load(checkpoint, weights_only=True))
+    return network.eval()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# metadata
+
+
+def test_metadata_has_what_the_specification_and_this_project_ask():
+    meta = json.loads(META_FILE.read_text())
+    assert meta["version"] in meta["changelog"]
+    assert meta["monai_version"] and meta["pytorch_version"] and meta["numpy_version"]
+    assert "nibabel" in meta["required_packages_version"] and isinstance(meta["optional_packages_version"], dict)
+    image = meta["network_data_format"]["inputs"]["image"]
+    pred = meta["network_data_format"]["outputs"]["pred"]
+    assert image["num_channels"] == 4 and image["channel_def"] == {"0": "T1", "1": "T1c", "2": "T2", "3": "FLAIR"}
+    assert pred["num_channels"] == 3 and pred["channel_def"] == {"0": "TC", "1": "WT", "2": "ET"}
+    assert image["spatial_shape"] == ["8*n"] * 3 and pred["spatial_shape"] == ["8*n"] * 3
+    references = " ".join(meta["references"])
+    assert "Two-Stage Cascaded U-Net" in references and "BRATS" in references and "Baid" in references
+    assert not meta.get("eval_metrics")  # no BraTS accuracy was measured by this project; the paper's is cited
+    for key in ("task", "description", "authors", "copyright", "data_source", "data_type", "image_classes",
+                "label_classes", "pred_classes", "intended_use"):
+        assert meta[key], key
+    assert "0.9094" in meta["description"] and "paper" in meta["description"]  # the paper's figures, as the paper's
+
+
+@pytest.mark.skipif(importlib.util.find_spec("jsonschema") is None, reason="verify_metadata needs jsonschema")
+def test_verify_metadata_offline_against_the_specification_schema(tmp_path):
+    schema_md5 = hashlib.md5(SCHEMA.read_bytes()).hexdigest()
+    before = SCHEMA.stat().st_mtime_ns
+    log = _run([sys.executable, "-m", "monai.bundle", "verify_metadata", "--meta_file", str(META_FILE),
+                "--filepath", str(SCHEMA), "--hash_val", schema_md5])
+    assert "skipped downloading" in log and "metadata is verified with no error" in log
+    assert SCHEMA.stat().st_mtime_ns == before  # the local schema was used, nothing was downloaded over it
+
+    from monai.bundle import verify_metadata
+
+    broken = json.loads(META_FILE.read_text())
+    del broken["network_data_format"]["outputs"]["pred"]["channel_def"]
+    broken["version"] = "1"
+    (tmp_path / "metadata.json").write_text(json.dumps(broken))
+    with pytest.raises(ValueError, match="Failed validating"):
+        verify_metadata(meta_file=str(tmp_path / "metadata.json"), filepath=str(SCHEMA), hash_val=schema_md5)
+
+
+def test_verify_net_in_out_with_the_full_size_network():
+    """The full 24.9 M parameter cascade of inference.json on 8*n inputs (n=1: 8^3, n=3: 24^3); a few seconds on CPU."""
+    from monai.bundle import verify_net_in_out
+
+    for n in (1, 3):
+        verify_net_in_out("network_def", meta_file=str(META_FILE), config_file=str(INFERENCE_CONFIG), device="cpu", n=n)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# exports
+
+
+def test_ckpt_export_torchscript_equals_the_eager_network(small_checkpoint, tmp_path):
+    """The model card's command: CascadedUNet is traced (``--use_trace True``), not scripted; the trace generalises to
+    other 8*n shapes because the eval-mode forward has no data-dependent branches."""
+    from monai.data import load_net_with_metadata
+
+    exported = tmp_path / "model.ts"
+    _run([sys.executable, "-m", "monai.bundle", "ckpt_export", "network_def", "--filepath", str(exported),
+          "--ckpt_file", str(small_checkpoint), "--meta_file", str(META_FILE), "--config_file", str(INFERENCE_CONFIG),
+          "--use_trace", "True", *_cli_overrides(SMALL)])
+    traced, meta, extra = load_net_with_metadata(str(exported), more_extra_files=["inference.json"])
+    assert meta["network_data_format"]["outputs"]["pred"]["channel_def"] == {"0": "TC", "1": "WT", "2": "ET"}
+    assert json.loads(extra["inference.json"])["network_def"]["_target_"] == "custom.network.CascadedUNet"
+    torch.manual_seed(1)
+    x = torch.randn(1, 4, 16, 24, 32)  # not the 8^3 shape it was traced with
+    with torch.no_grad():
+        expected, actual = _eager(small_checkpoint)(x), traced(x)
+    assert actual.shape == (1, 3, 16, 24, 32)
+    torch.testing.assert_close(actual, expected, rtol=1e-4, atol=1e-5)
+
+
+ONNX_KWARGS = (
+    "{'dynamo': False, 'input_names': ['image'], 'output_names': ['pred'], "
+    "'dynamic_axes': {'image': {0: 'batch', 2: 'x', 3: 'y', 4: 'z'}, 'pred': {0: 'batch', 2: 'x', 3: 'y', 4: 'z'}}}"
+)
+
+
+@pytest.mark.skipif(
+    importlib.util.find_spec("onnx") is None or importlib.util.find_spec("onnxruntime") is None,
+    reason="ONNX export is an optional extra: pip install onnx onnxruntime (or .[onnx])",
+)
+def test_onnx_export_equals_the_eager_network(small_checkpoint, tmp_path):
+    import onnxruntime
+
+    exported = tmp_path / "model.onnx"
+    _run([sys.executable, "-m", "monai.bundle", "onnx_export", "network_def", "--filepath", str(exported),
+          "--ckpt_file", str(small_checkpoint), "--meta_file", str(META_FILE), "--config_file", str(INFERENCE_CONFIG),
+          "--use_trace", "True", "--converter_kwargs", ONNX_KWARGS, *_cli_overrides(SMALL)])
+    session = onnxruntime.InferenceSession(str(exported), providers=["CPUExecutionProvider"])
+    torch.manual_seed(1)
+    x = torch.randn(1, 4, 16, 24, 32)  # dynamic spatial axes: not the 8^3 export shape
+    (actual,) = session.run(None, {"image": x.numpy()})
+    with torch.no_grad():
+        expected = _eager(small_checkpoint)(x).numpy()
+    assert actual.shape == (1, 3, 16, 24, 32)
+    np.testing.assert_allclose(actual, expected, rtol=1e-4, atol=1e-4)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the bundle zip
+
+
+def _names(zip_path: Path) -> list[str]:
+    with zipfile.ZipFile(zip_path) as archive:
+        return archive.namelist()
+
+
+def test_package_writes_one_folder_with_the_bundle_and_the_code(tmp_path, small_checkpoint):
+    meta = json.loads(META_FILE.read_text())
+    name = meta["name"]
+    assert default_output() == os.path.join("dist", f"{name}_v{meta['version']}.zip")
+
+    zip_path = Path(package(output=str(tmp_path / "out" / "bundle.zip")))
+    names = _names(zip_path)
+    assert {n.split("/")[0] for n in names} == {name}
+    for required in ("LICENSE", "large_files.yml", "configs/metadata.json", "configs/inference.json",
+                     "configs/train.json", "configs/evaluate.json", "configs/logging.conf", "docs/README.md",
+                     "custom/__init__.py", "custom/network.py", "custom/package.py", "models/"):
+        assert f"{name}/{required}" in names, required
+    configs = {p.name for p in CONFIG_DIR.iterdir() if p.suffix in (".json", ".conf")}
+    assert {n.split("/")[-1] for n in names if n.startswith(f"{name}/configs/")} - {""} == configs
+    assert not any("__pycache__" in n or n.endswith(".pyc") for n in names)
+    assert not any(n.startswith(f"{name}/models/") and n != f"{name}/models/" for n in names)  # no weights by default
+    assert "Apache License" in zipfile.ZipFile(zip_path).read(f"{name}/LICENSE").decode()
+    assert [p.name for p in zip_path.parent.iterdir()] == ["bundle.zip"]  # no temporary file left behind
+
+    with pytest.raises(FileNotFoundError, match="nothere.pt"):
+        package(output=str(tmp_path / "w.zip"), weights=str(tmp_path / "nothere.pt"))
+    with pytest.raises(ValueError, match="do not fit `network_def`"):  # weights of another network_def than inference.json's
+        package(output=str(tmp_path / "w.zip"), weights=str(small_checkpoint))
+    assert not (tmp_path / "w.zip").exists()
+    files = bundle_files(with_weights=False)
+    assert "models/model.pt" not in files and all(source.is_file() for source in files.values())
+
+
+def test_package_with_weights_ships_models_model_pt(tmp_path):
+    weights = tmp_path / "full.pt"
+    torch.save(CascadedUNet(trilinear_decoder=False).state_dict(), weights)  # inference.json's network_def
+    zip_path = Path(package(output=str(tmp_path / "bundle.zip"), weights=str(weights)))
+    name = json.loads(META_FILE.read_text())["name"]
+    with zipfile.ZipFile(zip_path) as archive:
+        assert archive.read(f"{name}/models/model.pt") == weights.read_bytes()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the unzipped bundle on its own
+
+# Runs a module with the unpacked bundle folder (the working directory) first on sys.path and this repository off it,
+# also when the repository is pip-installed in editable mode, so that only the bundle's own copy of `custom` exists.
+ISOLATED_RUNNER = """
+import os, runpy, sys
+repo, module = os.path.realpath(sys.argv[1]), sys.argv[2]
+inside = lambda p: os.path.realpath(p or os.getcwd()) == repo or os.path.realpath(p or os.getcwd()).startswith(repo + os.sep)
+sys.path[:] = [os.getcwd()] + [p for p in sys.path if p and not inside(p)]
+sys.meta_path[:] = [f for f in sys.meta_path if "brats_cascaded_unet" not in (getattr(f, "__module__", "") or "")]
+if module == "--where":
+    import custom, custom.workflow
+    print("CUSTOM=" + os.path.realpath(custom.__file__))
+    print("BUNDLE_ROOT=" + os.path.realpath(custom.workflow.bundle_root()))
+else:
+    sys.argv = [module] + sys.argv[3:]
+    runpy.run_module(module, run_name="__main__", alter_sys=True)
+"""
+
+
+def _clean_env() -> dict:
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME", "PYTHONSAFEPATH", "PYTHONSTARTUP")}
+    env["OMP_NUM_THREADS"] = env.get("OMP_NUM_THREADS", "2")
+    return env
+
+
+def test_unzipped_bundle_trains_and_infers_without_the_repository(tmp_path):
+    if not (REAL_CASE / "BraTS-GLI-00001-000-t1n.nii.gz").exists():
+        pytest.skip(f"the real BraTS case is not at {REAL_CASE} (see shared/data/README.md of the project)")
+    name = json.loads(META_FILE.read_text())["name"]
+    zip_path = Path(package(output=str(tmp_path / "dist" / "bundle.zip")))
+    unpacked = tmp_path / "unpacked"
+    unpacked.mkdir()
+    zipfile.ZipFile(zip_path).extractall(unpacked)
+    assert [p.name for p in unpacked.iterdir()] == [name]
+    bundle = (unpacked / name).resolve()
+    runner = tmp_path / "run_isolated.py"
+    runner.write_text(ISOLATED_RUNNER)
+    env = _clean_env()
+
+    def run(module, *args, timeout=240):
+        return _run([sys.executable, str(runner), str(REPO_ROOT), module, *args], cwd=bundle, env=env, timeout=timeout)
+
+    where = dict(line.split("=", 1) for line in run("--where").splitlines() if "=" in line)
+    assert where["CUSTOM"] == str(bundle / "custom" / "__init__.py")
+    assert where["BUNDLE_ROOT"] == str(bundle)
+
+    data, runs, predictions = tmp_path / "demo", tmp_path / "runs", tmp_path / "predictions"
+    run("custom", "synthesize", "--output_dir", str(data), "--num_cases", "6", "--shape", "32,32,32")
+    run("monai.bundle", "run", "training", "--config_file", "configs/train.json", "--dataset_dir", str(data),
+        "--output_dir", str(runs), *_cli_overrides({"epochs": 1, "val_interval": 1, "patch_size": [32, 32, 32],
+                                                    "num_workers": 0, **SMALL}))
+    checkpoint = runs / "models" / "model.pt"
+    assert checkpoint.is_file() and (runs / "models" / "snapshot_epoch=1.pt").is_file()
+
+    run("monai.bundle", "run", "--config_file", "configs/inference.json", "--dataset_dir", str(SHARED_DATA),
+        "--output_dir", str(predictions), *_cli_overrides({"checkpoints": [str(checkpoint)], "tta": 1, **SMALL}))
+    written = sorted(p.name for p in predictions.iterdir())
+    assert written == ["BraTS-GLI-00001-000.nii.gz"]
+    reference = nib.load(REAL_CASE / "BraTS-GLI-00001-000-t1n.nii.gz")
+    prediction = nib.load(predictions / written[0])
+    assert prediction.shape == reference.shape and np.allclose(prediction.affine, reference.affine)
+    labels = np.asarray(prediction.dataobj)
+    assert labels.dtype == np.uint8 and set(np.unique(labels)) <= {0, 1, 2, 3}  # BraTS 2023 naming: ET is 3
+    assert not (bundle / "runs").exists() and not (bundle / "predictions").exists()  # all went where it was told
