@@ -24,7 +24,8 @@ def make_dataset(
     if cache in (None, False, "none"):
         return Dataset(data, transform)
     if cache == "memory":
-        return CacheDataset(data, transform, cache_rate=cache_rate, num_workers=num_workers or None)
+        # threads that fill the cache: 0 or 1 = in this thread (None would mean one per core)
+        return CacheDataset(data, transform, cache_rate=cache_rate, num_workers=max(1, int(num_workers or 0)))
     if cache == "disk":
         if not cache_dir:
             raise ValueError("cache='disk' needs `cache_dir`, a folder for the cached volumes.")

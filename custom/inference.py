@@ -150,7 +150,9 @@ def load_network(
     network = members[0] if len(members) == 1 else CheckpointEnsemble(members)
     network = network.to(device).eval()
     logger.info(f"loaded {len(paths)} checkpoint(s): {', '.join(paths)}")
-    return torch.compile(network, dynamic=True) if compile else network
+    # static shapes: dynamic-shape compilation of strided 3-D convolutions fails in torch 2.13 inductor; every new
+    # crop shape recompiles, so compile pays off for many cases of similar size, not for one case
+    return torch.compile(network, dynamic=False) if compile else network
 
 
 def inference_files(source: str) -> list[dict]:
