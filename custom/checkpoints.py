@@ -6,13 +6,14 @@ import logging
 import os
 import random
 import re
-import tempfile
 from collections.abc import Mapping, Sequence
 
 import numpy as np
 import torch
 from ignite.engine import Engine, Events
 from ignite.handlers import Checkpoint
+
+from custom.io import atomic_path
 
 __all__ = [
     "atomic_save",
@@ -32,20 +33,10 @@ SNAPSHOT_PATTERN = re.compile(r"^snapshot_epoch=(\d+)\.pt$")
 
 def atomic_save(obj: object, path: str) -> str:
     """``torch.save`` to a temporary file in the target folder, then ``os.replace``: a crash never leaves a partial file."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    handle, tmp_path = tempfile.mkstemp(dir=folder, prefix=".tmp_", suffix=".pt")
-    try:
-        with os.fdopen(handle, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp_path, 0o644)
-        os.replace(tmp_path, path)
-    except BaseException:
-        if os.path.exists(tmp_path):
-            os.remove(tmp_path)
-        raise
+    with atomic_path(path) as tmp_path, open(tmp_path, "wb") as f:
+        torch.save(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
     return path
 
 

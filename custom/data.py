@@ -21,13 +21,14 @@ import json
 import logging
 import os
 import re
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import nibabel as nib
 import numpy as np
+
+from custom.io import atomic_path
 
 __all__ = [
     "SEQUENCES",
@@ -349,16 +350,9 @@ def write_datalist(
             entry["image"] = [_relative_to(p, out.parent) for p in entry["image"]]
             if "label" in entry:
                 entry["label"] = _relative_to(entry["label"], out.parent)
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(datalist, f, indent=2)
-            f.write("\n")
-        os.replace(tmp, out)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    with atomic_path(out) as tmp, open(tmp, "w") as f:
+        json.dump(datalist, f, indent=2)
+        f.write("\n")
     sizes = [sum(e["fold"] == k for e in datalist["training"]) for k in range(datalist["numFolds"])]
     print(
         f"wrote {out}: {len(datalist['training'])} labeled cases in {datalist['numFolds']} folds "

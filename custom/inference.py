@@ -6,7 +6,6 @@ import contextlib
 import logging
 import os
 import re
-import tempfile
 from collections.abc import Callable, Mapping, Sequence
 
 import nibabel as nib
@@ -17,6 +16,7 @@ from monai.inferers import Inferer
 from monai.transforms import MapTransform
 
 from custom.checkpoints import TRAINING_ONLY, load_state_dict, resolve_checkpoints
+from custom.io import atomic_path
 from custom.data import case_id_from_path, discover_cases, implied_et_label, load_datalist
 from custom.transforms import regions_to_labels
 
@@ -205,18 +205,8 @@ class RegionsToLabelsd(MapTransform):
 
 
 def _atomic_nifti(image: nib.Nifti1Image, path: str) -> None:
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    handle, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp_", suffix=".nii.gz")
-    os.close(handle)
-    try:
+    with atomic_path(path, suffix=".nii.gz") as tmp:
         nib.save(image, tmp)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
 
 
 class BratsPredictionWriter:

@@ -42,8 +42,6 @@ median, 25quantile and 75quantile to a CSV (the summary rows of the BraTS platfo
 from __future__ import annotations
 
 import csv
-import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -51,6 +49,8 @@ import numpy as np
 import torch
 from monai.metrics import compute_dice
 from monai.metrics.utils import get_mask_edges, get_surface_distance
+
+from custom.io import atomic_path
 
 __all__ = [
     "REGIONS",
@@ -282,19 +282,11 @@ def _load_labels(path: Path) -> tuple[np.ndarray, tuple[float, ...], tuple[str, 
 
 
 def _write_csv_atomic(rows: list[dict], output_csv: Path) -> None:
-    output_csv.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{output_csv.name}.", suffix=".tmp", dir=str(output_csv.parent))
-    try:
-        with os.fdopen(fd, "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=CSV_COLUMNS)
-            writer.writeheader()
-            for row in rows:
-                writer.writerow({k: row[k] for k in CSV_COLUMNS})
-        os.replace(tmp, output_csv)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    with atomic_path(output_csv) as tmp, open(tmp, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=CSV_COLUMNS)
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({k: row[k] for k in CSV_COLUMNS})
 
 
 def evaluate_folder(

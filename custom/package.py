@@ -18,9 +18,10 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 import zipfile
 from pathlib import Path
+
+from custom.io import atomic_path
 
 __all__ = ["package", "bundle_files", "default_output"]
 
@@ -163,21 +164,11 @@ def package(
     files = bundle_files(with_weights=with_weights, weights=weights)
     folders = sorted({f"{name}/{os.path.dirname(k)}/" for k in files if "/" in k} | {f"{name}/", f"{name}/models/"})
 
-    output.parent.mkdir(parents=True, exist_ok=True)
-    handle, tmp = tempfile.mkstemp(dir=output.parent, prefix=f".{output.name}.", suffix=".tmp")
-    os.close(handle)
-    try:
-        with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_DEFLATED, allowZip64=True) as archive:
-            for folder in folders:
-                _add(archive, folder, None)
-            for arcname in sorted(files):
-                _add(archive, f"{name}/{arcname}", files[arcname])
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, output)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    with atomic_path(output) as tmp, zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_DEFLATED, allowZip64=True) as archive:
+        for folder in folders:
+            _add(archive, folder, None)
+        for arcname in sorted(files):
+            _add(archive, f"{name}/{arcname}", files[arcname])
     size = output.stat().st_size / 2**20
     weights_note = f"with weights {files['models/model.pt']}" if "models/model.pt" in files else "without weights"
     print(f"wrote {output} ({len(files)} files, {size:.1f} MiB, {weights_note}); it unpacks to {name}/")

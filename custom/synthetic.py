@@ -44,6 +44,8 @@ import nibabel as nib
 import numpy as np
 from scipy import ndimage
 
+from custom.io import atomic_path
+
 __all__ = [
     "NAMINGS",
     "SEQUENCES",
@@ -322,9 +324,8 @@ def _params(shape, spacing, seed, naming) -> dict:
 
 
 def _write_marker(folder: Path, params: dict, num_cases: int) -> None:
-    tmp = folder / f"{MARKER}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp"
-    tmp.write_text(json.dumps({**params, "num_cases": int(num_cases)}, indent=1))
-    os.replace(tmp, folder / MARKER)
+    with atomic_path(folder / MARKER) as tmp:
+        Path(tmp).write_text(json.dumps({**params, "num_cases": int(num_cases)}, indent=1))
 
 
 def _read_marker(folder: Path) -> dict | None:

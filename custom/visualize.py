@@ -14,12 +14,13 @@ import argparse
 import os
 import re
 import sys
-import uuid
 from collections.abc import Sequence
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
+
+from custom.io import atomic_path
 
 __all__ = ["visualize", "load_case", "SEQUENCE_NAMES", "main"]
 
@@ -294,15 +295,8 @@ def visualize(
     fig.suptitle(f"{cid}" + (f"   ({sources})" if sources else ""), fontsize=13)
     fig.tight_layout(rect=(0, 0.05, 1, 0.96))
 
-    output = Path(output)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    tmp = output.with_name(f".{output.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
-    try:
-        fig.savefig(str(tmp), format="png")
-        os.replace(tmp, output)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    with atomic_path(output) as tmp:
+        fig.savefig(tmp, format="png")
     return str(output)
 
 

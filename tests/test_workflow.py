@@ -109,7 +109,7 @@ def test_resume_after_sigkill_continues_the_epoch_count(tiny_dataset, tmp_path):
                              capture_output=True, text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     log = resumed.stdout + resumed.stderr
-    assert f"resumed from" in log and f"epoch {killed_at} of {epochs} done" in log
+    assert "resumed from" in log and f"epoch {killed_at} of {epochs} done" in log
     assert f"Epoch[{killed_at + 1}] Complete" in log and "Epoch[1] Complete" not in log
     final = torch.load(models / f"snapshot_epoch={epochs}.pt", weights_only=False)
     trainer_state = final["trainer"]  # ignite saves the iteration count: epochs x iterations per epoch
