@@ -43,6 +43,7 @@ __all__ = [
     "resolve_et_label",
     "implied_et_label",
     "case_id_from_path",
+    "require_dataset",
 ]
 
 logger = logging.getLogger(__name__)
@@ -425,10 +426,28 @@ def implied_et_label(entries: list[dict]) -> int:
     return 3 if stems and all(_DASH_RE.match(s) for s in stems) else 4
 
 
+def require_dataset(source: str) -> str:
+    """``source`` if it exists, else the error that says what ``dataset_dir`` must be."""
+    if not Path(str(source)).expanduser().exists():
+        raise FileNotFoundError(
+            f"dataset_dir {str(source)!r} does not exist; set dataset_dir to a folder of BraTS cases or a datalist JSON"
+        )
+    return str(source)
+
+
 def load_datalist(
-    source: str, folds: int = 5, seed: int = 0, et_label: int | None = None, allow_incomplete: bool = False
+    source: str,
+    folds: int = 5,
+    seed: int = 0,
+    et_label: int | None = None,
+    allow_incomplete: bool = False,
+    missing_ok: bool = False,
 ) -> dict:
     """Datalist from a dataset folder (discovered) or an existing datalist JSON.
+
+    ``missing_ok``: a ``source`` that does not exist gives an empty datalist instead of an error, so that a config
+    can be parsed and inspected (``check_properties``, MONAI Label) before a dataset is given; the workflow's run
+    then calls ``require_dataset``.
 
     Relative paths in a JSON are resolved against the JSON's folder. Entries may give ``image`` as a list in
     ``SEQUENCES`` order, one 4-channel path, or a dict keyed by sequence name. Training entries without ``fold``
@@ -436,10 +455,10 @@ def load_datalist(
     BraTS 2023+ file naming, else 4).
     """
     path = Path(str(source)).expanduser()
-    if not path.exists():
-        raise FileNotFoundError(
-            f"dataset_dir {str(path)!r} does not exist; set dataset_dir to a folder of BraTS cases or a datalist JSON"
-        )
+    if not path.exists() and missing_ok:
+        return {"name": "empty", "et_label": et_label or 4, "channel_order": list(SEQUENCES), "numFolds": folds,
+                "seed": seed, "training": [], "testing": []}
+    require_dataset(str(path))
     if path.is_dir():
         return make_datalist(str(path), folds=folds, seed=seed, et_label=et_label, allow_incomplete=allow_incomplete)
     if path.suffix.lower() != ".json":

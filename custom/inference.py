@@ -163,6 +163,8 @@ def inference_files(source: str) -> list[dict]:
     incomplete case neither stops the run nor disappears from its summary.
     """
     source = str(source)
+    if not os.path.exists(source):
+        return []  # lets the config be parsed and inspected without data; segment_cases reports it
     if os.path.isfile(source) and re.search(r"\.nii(\.gz)?$", source):
         return [{"case_id": case_id_from_path(source), "image": [source]}]
     if os.path.isdir(source):
@@ -259,18 +261,20 @@ def segment_cases(
     device: str | torch.device = "cpu",
     amp: bool = False,
     progress: bool = True,
+    raise_on_failure: bool = True,
 ) -> list[str]:
     """Segments every case and writes it; a case that fails is reported and the others still run.
 
-    Ends with a summary and raises ``RuntimeError`` (non-zero exit) listing the failed cases, after all
-    the good ones are written.
+    Ends with a summary and raises ``RuntimeError`` (non-zero exit) listing the failed cases, after all the good
+    ones are written; with ``raise_on_failure=False`` it only logs them (evaluation then reports the cases it
+    finds no prediction for, after scoring the others).
     """
     from tqdm import tqdm
 
     device = torch.device(device)
     written, failures = [], []
     if not data:
-        raise ValueError("no cases to segment: check `dataset_dir`.")
+        raise ValueError("no cases to segment: `dataset_dir` is missing, empty or holds no BraTS case.")
     for item in tqdm(data, desc="segmenting", unit="case", disable=not progress):
         case_id = item.get("case_id") or case_id_from_path(_first(item["image"]))
         try:
@@ -288,6 +292,6 @@ def segment_cases(
             failures.append(f"{case_id}: {_describe(e)}")
             logger.error(failures[-1])
     print(f"segmented {len(written)} of {len(data)} cases" + (f"; {len(failures)} failed" if failures else ""))
-    if failures:
+    if failures and raise_on_failure:
         raise RuntimeError("these cases failed (the others were written):\n  " + "\n  ".join(failures))
     return written

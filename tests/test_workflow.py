@@ -39,6 +39,15 @@ def test_train_config_network_and_run_ids():
     network = parser.get_parsed_content("network_def")
     assert sum(p.numel() for p in network.parameters()) == 24_924_105  # the paper's cascade, see test_network
     assert parser.config["training"] == "$@run"  # `run training` and plain `run` do the same
+    # the config can be inspected before any dataset exists (MONAI Label, model-zoo checks) ...
+    workflow = ConfigWorkflow(config_file=str(CONFIG_DIR / "train.json"), workflow_type="train",
+                              dataset_dir="/nonexistent/BraTS")
+    workflow.initialize()
+    assert workflow.check_properties() == []
+    # ... and running it says what is missing
+    with pytest.raises(RuntimeError) as failure:
+        workflow.run()
+    assert "dataset_dir '/nonexistent/BraTS' does not exist" in str(failure.value.__cause__)
 
 
 def test_train_one_epoch_then_evaluate(tiny_dataset, tmp_path):
