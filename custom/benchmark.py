@@ -214,6 +214,18 @@ class _PeakMemory:
         return (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - self.base) / 1024
 
 
+def _case_timing(timing: dict) -> dict:
+    """The per-case fields of an inference record from ``_time_calls``' result."""
+    return {
+        "s_per_case": round(timing["median_s"], 3),
+        "s_min": round(timing["min_s"], 3),
+        "s_max": round(timing["max_s"], 3),
+        "first_call_s": round(timing["first_s"], 3),
+        "peak_memory_mib": timing["peak_memory_mib"],
+        "memory_method": timing["memory_method"],
+    }
+
+
 def _time_calls(fn: Callable[[], object], calls: int, warmup: int, device: torch.device, memory: _PeakMemory) -> dict:
     """Runs ``fn`` ``warmup`` times, then ``calls - warmup`` timed times; median, min, max seconds and peak memory."""
     times = []
@@ -407,12 +419,7 @@ def _infer_cascade(mode: str, inputs: dict, tta: int, tta_chunk, steps: int, war
 
     timing = _time_calls(call, steps, warmup, device, memory)
     record = {
-        "s_per_case": round(timing["median_s"], 3),
-        "s_min": round(timing["min_s"], 3),
-        "s_max": round(timing["max_s"], 3),
-        "first_call_s": round(timing["first_s"], 3),
-        "peak_memory_mib": timing["peak_memory_mib"],
-        "memory_method": timing["memory_method"],
+        **_case_timing(timing),
         "tta_chunk_used": inferer._chunk_size(torch.empty(0, device=device)),
     }
     del network
@@ -440,14 +447,7 @@ def _infer_anchor(inputs: dict, tta: int, steps: int, warmup: int, device: torch
 
     timing = _time_calls(call, steps, warmup, device, memory)
     del network
-    return {
-        "s_per_case": round(timing["median_s"], 3),
-        "s_min": round(timing["min_s"], 3),
-        "s_max": round(timing["max_s"], 3),
-        "first_call_s": round(timing["first_s"], 3),
-        "peak_memory_mib": timing["peak_memory_mib"],
-        "memory_method": timing["memory_method"],
-    }
+    return _case_timing(timing)
 
 
 def _loader(volume, patch, workers: int, num_cases: int, min_samples: int, seed: int) -> dict:
