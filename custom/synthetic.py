@@ -4,7 +4,9 @@ Each case is a skull-stripped ellipsoidal "brain" in a zero background with whit
 variation, ventricles and a thin outer rim of cerebrospinal fluid (dark on T1, bright on T2, dark on FLAIR),
 and one lumpy glioma: edema (label 2) as the outer shell, an enhancing rim (label 4, or 3 in BraTS 2023 naming)
 inside it and a necrotic core (label 1). About 20 % of the cases have no enhancing tumor; their core is
-non-enhancing tumor (label 1). The contrasts follow the BraTS sequences:
+non-enhancing tumor (label 1). The ``"2024"`` naming (label scheme ``brats2024``) adds a resection cavity
+(label 4) to every case: a hole of CSF intensities next to the tumor, cut out of it where they overlap. The
+contrasts follow the BraTS sequences:
 
 ==============  =====  =====  =====  =====
 region           T1    T1c    T2     FLAIR
@@ -48,6 +50,8 @@ from custom.io import atomic_path
 
 __all__ = [
     "NAMINGS",
+    "RC_LABELS",
+    "LABEL_SCHEMES",
     "SEQUENCES",
     "case_id",
     "case_files",
@@ -61,6 +65,7 @@ __all__ = [
 SEQUENCES = ("t1", "t1c", "t2", "flair")
 
 #: naming -> (case id pattern, separator, file suffix per sequence (+ "seg"), enhancing-tumor label)
+#: ("2024" is the 2023+ file naming with a resection cavity, label 4: label scheme brats2024)
 NAMINGS: dict[str, tuple[str, str, dict[str, str], int]] = {
     "2020": (
         "BraTS20_Training_{i:03d}",
@@ -80,7 +85,17 @@ NAMINGS: dict[str, tuple[str, str, dict[str, str], int]] = {
         {"t1": "t1n", "t1c": "t1c", "t2": "t2w", "flair": "t2f", "seg": "seg"},
         3,
     ),
+    "2024": (
+        "BraTS-GLI-{i:05d}-100",
+        "-",
+        {"t1": "t1n", "t1c": "t1c", "t2": "t2w", "flair": "t2f", "seg": "seg"},
+        3,
+    ),
 }
+#: namings whose cases have a resection cavity, and its label
+RC_LABELS = {"2024": 4}
+#: naming -> the label scheme of its labels (custom.labels)
+LABEL_SCHEMES = {"2020": "brats2018", "2021": "brats2018", "2023": "brats2023", "2024": "brats2024"}
 
 #: hidden file recording that a folder holds data written by this module, and with which parameters
 MARKER = ".synthetic_brats.json"
@@ -157,15 +172,18 @@ def _ellipsoid_distance(u: list[np.ndarray], centre: Sequence[float], radii: Seq
 
 
 def synthesize_case(
-    rng: np.random.Generator, shape: Sequence[int] = (64, 64, 64), et_label: int = 4
+    rng: np.random.Generator, shape: Sequence[int] = (64, 64, 64), et_label: int = 4, rc_label: int | None = None
 ) -> tuple[dict[str, np.ndarray], np.ndarray]:
     """Draws one synthetic case.
 
     Returns ``({"t1", "t1c", "t2", "flair"}: float32 volumes, labels)``: the images are non-negative, zero
     outside the brain, already in a scanner-like range (hundreds to a few thousands) so that rounding to int16
     loses nothing; ``labels`` is uint8 with 0 background, 1 necrosis / non-enhancing core, 2 edema and
-    ``et_label`` (4 by default, 3 for BraTS 2023) enhancing tumor.
+    ``et_label`` (4 by default, 3 for BraTS 2023) enhancing tumor, and with ``rc_label`` (4, BraTS 2024) a
+    resection cavity next to the tumor. Without ``rc_label`` the draws are those of the cases without a cavity.
     """
+    if rc_label is not None and rc_label in (0, 1, 2, et_label):
+        raise ValueError(f"rc_label must differ from 0, 1, 2 and et_label {et_label}, got {rc_label}")
     shape = _as_triple(shape, "shape")
     u = _grid(shape)
 
@@ -225,6 +243,15 @@ def synthesize_case(
     labels[whole] = 2
     labels[core] = et_label if has_et else 1
     labels[necrosis] = 1
+    cavity = None
+    if rc_label is not None:
+        # a resection cavity: an ellipsoid centred near the tumor's edge, cut out of the tumor where they overlap
+        direction = rng.standard_normal(3)
+        direction /= np.linalg.norm(direction)
+        cavity_c = t_centre + direction * radius * rng.uniform(0.8, 1.0)
+        cavity_r = radius * rng.uniform(0.45, 0.65) * rng.uniform(0.85, 1.15, 3)
+        cavity = (_ellipsoid_distance(u, cavity_c, cavity_r) < 1.0) & brain
+        labels[cavity] = rc_label
 
     # per-case tissue means, then one image per sequence
     texture = _smooth_field(rng, shape, 16)
@@ -237,6 +264,8 @@ def synthesize_case(
         ("et", labels == et_label) if has_et else ("et", np.zeros(shape, bool)),
         ("necrosis" if has_et else "net", labels == 1),
     ]
+    if cavity is not None:
+        tissue_masks.append(("csf", cavity))  # fluid-filled: the CSF contrasts
     images: dict[str, np.ndarray] = {}
     for s, name in enumerate(SEQUENCES):
         jitter = {t: rng.uniform(0.93, 1.07) for t in _TISSUE}
@@ -260,7 +289,7 @@ def synthesize_case(
 
 
 def case_id(index: int, naming: str = "2021") -> str:
-    """The BraTS case id of synthetic case ``index`` in ``naming`` ("2020", "2021" or "2023")."""
+    """The BraTS case id of synthetic case ``index`` in ``naming`` ("2020", "2021", "2023" or "2024")."""
     return _naming(naming)[0].format(i=index)
 
 
@@ -296,7 +325,7 @@ def _save(array: np.ndarray, affine: np.ndarray, path: Path) -> None:
 def _write_case(folder: Path, rng: np.random.Generator, shape, spacing, naming: str) -> None:
     """Draws one case and writes its five files into ``folder`` (created; its name is the case id)."""
     et_label = _naming(naming)[3]
-    images, labels = synthesize_case(rng, shape, et_label=et_label)
+    images, labels = synthesize_case(rng, shape, et_label=et_label, rc_label=RC_LABELS.get(str(naming)))
     folder.mkdir(parents=True, exist_ok=True)
     affine = _affine(shape, spacing)
     files = case_files(folder, naming)
@@ -382,7 +411,8 @@ def synthesize(
     ``naming`` picks the folder and file names and the enhancing-tumor label: ``"2021"`` writes
     ``BraTS2021_XXXXX/BraTS2021_XXXXX_{t1,t1ce,t2,flair,seg}.nii.gz`` with labels 0/1/2/4, ``"2023"`` writes
     ``BraTS-GLI-XXXXX-000/BraTS-GLI-XXXXX-000-{t1n,t1c,t2w,t2f,seg}.nii.gz`` with labels 0/1/2/3 (``"2020"``:
-    ``BraTS20_Training_XXX``, labels 0/1/2/4). Case ``i`` depends only on ``seed`` and ``i``. Existing cases of
+    ``BraTS20_Training_XXX``, labels 0/1/2/4; ``"2024"``: ``BraTS-GLI-XXXXX-100``, the 2023 file names, labels
+    0/1/2/3 and the resection cavity 4, label scheme ``brats2024``). Case ``i`` depends only on ``seed`` and ``i``. Existing cases of
     the same ids are replaced; every case folder appears complete or not at all.
     """
     start = time.perf_counter()
@@ -494,7 +524,7 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     parser.add_argument("--num_cases", type=int, default=40)
     parser.add_argument("--shape", default="64,64,64", help="volume size, e.g. 64,64,64 (default) or 96")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--naming", default="2021", choices=sorted(NAMINGS), help="BraTS file naming and ET label")
+    parser.add_argument("--naming", default="2021", choices=sorted(NAMINGS), help="BraTS file naming and labels (2024: with resection cavity 4)")
     parser.add_argument("--spacing", default="1,1,1", help="voxel size in mm, e.g. 1,1,1")
     return parser
 

@@ -65,18 +65,9 @@ def regions_to_labels(
     TC -> 1 (necrosis / non-enhancing core), ET -> ``et_label``; a voxel the independent sigmoids put in an inner
     region but not in the outer one counts as in both (the union keeps the nesting). When the case's ET volume is below ``et_threshold``
     voxels, the ET voxels become label 1 (the paper's post-processing: tiny ET predictions are usually
-    false positives in LGG cases, where an empty ET scores Dice 1).
+    false positives in LGG cases, where an empty ET scores Dice 1). ``custom.labels.regions_to_labels`` is the
+    same for any label scheme (with RC).
     """
-    is_tensor = isinstance(regions, torch.Tensor)
-    masks = regions.bool() if is_tensor else np.asarray(regions).astype(bool)
-    if masks.ndim != 4 or masks.shape[0] != 3:
-        raise ValueError(f"regions_to_labels expects (3, H, W, D) masks in TC, WT, ET order, got {tuple(masks.shape)}.")
-    tc, wt, et = masks[0], masks[1], masks[2]
-    wt = wt | tc | et
-    tc = tc | et
-    labels = torch.zeros(wt.shape, dtype=torch.uint8, device=masks.device) if is_tensor else np.zeros(wt.shape, np.uint8)
-    labels[wt] = 2
-    labels[tc] = 1
-    if int(et.sum()) >= max(et_threshold, 1):
-        labels[et] = et_label
-    return labels
+    from custom.labels import regions_to_labels as scheme_regions_to_labels  # the one implementation
+
+    return scheme_regions_to_labels(regions, et_label=et_label, et_threshold=et_threshold)

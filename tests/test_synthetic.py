@@ -8,9 +8,10 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
+from scipy import ndimage
 
 from custom import synthetic
-from custom.synthetic import case_id, ensure_demo_data, synthesize, synthesize_case
+from custom.synthetic import case_files, case_id, ensure_demo_data, synthesize, synthesize_case
 
 SHAPE = (32, 32, 32)
 
@@ -238,3 +239,28 @@ def test_generation_is_fast():
         synthesize_case(np.random.default_rng(s), (64, 64, 64))
     per_case = (time.perf_counter() - start) / 3
     assert per_case < 0.75, f"{per_case:.2f} s per 64^3 case (40 cases must take well under a minute)"
+
+
+def test_2024_naming_adds_a_csf_like_resection_cavity_next_to_the_tumor(tmp_path):
+    """Naming "2024" (label scheme brats2024): 2023 file names, labels 0-4 with RC 4 in every case, a dark hole on
+    T1/FLAIR and bright on T2 (CSF contrasts) touching the tumor; the tumor itself is still there."""
+    from custom.labels import detect_label_scheme
+
+    ids = synthesize(tmp_path, 3, SHAPE, seed=0, naming="2024")
+    assert ids == [f"BraTS-GLI-{i:05d}-100" for i in range(3)]
+    segs = []
+    for cid in ids:
+        files = case_files(tmp_path / cid, "2024")
+        assert files["seg"].name == f"{cid}-seg.nii.gz" and files["t2"].name == f"{cid}-t2w.nii.gz"
+        seg = _read(files["seg"])
+        segs.append(str(files["seg"]))
+        assert set(np.unique(seg)) <= {0, 1, 2, 3, 4} and (seg == 4).sum() > 0 and np.isin(seg, (1, 2, 3)).sum() > 0
+        cavity, tumor = seg == 4, np.isin(seg, (1, 2, 3))
+        assert (ndimage.binary_dilation(cavity) & tumor).any(), "the cavity touches the tumor"
+        brain = _read(files["t1"]) > 0
+        normal = brain & (seg == 0)
+        for name, darker in (("t1", True), ("t2", False), ("flair", True)):
+            image = _read(files[name]).astype(np.float64)
+            ratio = image[cavity].mean() / np.median(image[normal])
+            assert (ratio < 0.8) if darker else (ratio > 1.3), (cid, name, ratio)
+    assert detect_label_scheme(segs, 3).name == "brats2024"

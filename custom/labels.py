@@ -1,0 +1,258 @@
+"""BraTS label schemes in one place: label values, tumor regions, network channels, detection and conversions.
+
+==============  ==========================  =========  ===============================================
+scheme          labels (besides 0)          ET label   regions in network channel order
+==============  ==========================  =========  ===============================================
+``brats2018``   1 NCR/NET, 2 ED, 4 ET        4          TC {1, 4}, WT {1, 2, 4}, ET {4}
+``brats2023``   1 NETC, 2 SNFH, 3 ET         3          TC {1, 3}, WT {1, 2, 3}, ET {3}
+``brats2024``   1 NETC, 2 SNFH, 3 ET, 4 RC   3          TC {1, 3}, WT {1, 2, 3}, ET {3}, RC {4}
+==============  ==========================  =========  ===============================================
+
+``brats2018`` covers the BraTS 2018-2021 releases (the paper's setting and this bundle's default), ``brats2023``
+the 2023 releases, ``brats2024`` the 2024+ adult glioma (post-treatment) data with the resection cavity (RC).
+RC is not tumor: it is in none of TC, WT and ET (as in the official ``brats-evaluation`` glioma config).
+
+The file naming tells 2018-2021 (``<case>_t1ce.nii.gz``: ET 4) from 2023+ (``<case>-t1c.nii.gz``: ET 3), but
+2023 and 2024 use the same naming: a 2023+ dataset is ``brats2024`` when most of its label maps hold the value 4.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Hashable, Iterable, Mapping
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from monai.config import KeysCollection
+from monai.transforms import MapTransform
+
+__all__ = [
+    "LabelScheme",
+    "SCHEMES",
+    "DEFAULT_SCHEME",
+    "get_scheme",
+    "scheme_for_et_label",
+    "allowed_labels",
+    "label_values",
+    "detect_label_scheme",
+    "resolve_label_scheme",
+    "labels_to_regions",
+    "regions_to_labels",
+    "LabelsToRegionsd",
+]
+
+
+@dataclass(frozen=True)
+class LabelScheme:
+    """One BraTS labelling convention (see the module table)."""
+
+    name: str
+    labels: tuple[int, ...]  # label values besides background 0
+    et_label: int
+    rc_label: int | None
+    region_labels: dict[str, tuple[int, ...]] = field(hash=False)  # region -> label values, network channel order
+
+    @property
+    def regions(self) -> tuple[str, ...]:
+        """Region names in network channel order: ``("tc", "wt", "et")`` or ``("tc", "wt", "et", "rc")``."""
+        return tuple(self.region_labels)
+
+    @property
+    def out_channels(self) -> int:
+        return len(self.region_labels)
+
+    @property
+    def allowed_labels(self) -> tuple[int, ...]:
+        return (0,) + self.labels
+
+    def __str__(self) -> str:
+        return self.name
+
+
+def _scheme(name: str, et: int, rc: int | None) -> LabelScheme:
+    regions = {"tc": (1, et), "wt": (1, 2, et), "et": (et,)}
+    if rc is not None:
+        regions["rc"] = (rc,)
+    return LabelScheme(name, tuple(sorted({1, 2, et} | ({rc} if rc else set()))), et, rc, regions)
+
+
+SCHEMES: dict[str, LabelScheme] = {
+    s.name: s for s in (_scheme("brats2018", 4, None), _scheme("brats2023", 3, None), _scheme("brats2024", 3, 4))
+}
+DEFAULT_SCHEME = "brats2018"  # the paper's data (BraTS 2019)
+
+
+def get_scheme(label_scheme: str | LabelScheme | None = None, et_label: int | None = None) -> LabelScheme:
+    """The ``LabelScheme`` named ``label_scheme`` (None: from ``et_label``, else the default ``brats2018``).
+
+    ``et_label`` given with a scheme overrides its ET value where that names another scheme (``brats2018`` with
+    ET 3 is ``brats2023`` and the reverse), so that an explicit ``et_label`` keeps working; ``brats2024`` with
+    ET 4 is a contradiction (4 is RC there) and raises.
+    """
+    if isinstance(label_scheme, LabelScheme):
+        scheme = label_scheme
+    elif label_scheme in (None, ""):
+        return scheme_for_et_label(et_label) if et_label is not None else SCHEMES[DEFAULT_SCHEME]
+    else:
+        name = str(label_scheme).lower()
+        if name not in SCHEMES:
+            raise ValueError(
+                f"label_scheme must be one of {', '.join(SCHEMES)} (labels 1, 2, 4 / 1, 2, 3 / 1, 2, 3 + RC 4), "
+                f"got {label_scheme!r}"
+            )
+        scheme = SCHEMES[name]
+    if et_label is None or int(et_label) == scheme.et_label:
+        return scheme
+    if scheme.rc_label is None:
+        return scheme_for_et_label(et_label)
+    raise ValueError(
+        f"et_label {et_label} contradicts label_scheme {scheme.name} (ET is {scheme.et_label}, RC is {scheme.rc_label}); "
+        "drop et_label or pick label_scheme brats2018 (ET 4) / brats2023 (ET 3)"
+    )
+
+
+def scheme_for_et_label(et_label: int) -> LabelScheme:
+    """``brats2018`` for ET 4, ``brats2023`` for ET 3 (the two schemes without RC)."""
+    try:
+        value = int(et_label)
+    except (TypeError, ValueError):
+        value = None
+    if isinstance(et_label, bool) or value not in (3, 4):
+        raise ValueError(f"et_label must be 4 (BraTS 2018-2021 labels) or 3 (BraTS 2023+ labels), got {et_label!r}")
+    return SCHEMES["brats2018" if value == 4 else "brats2023"]
+
+
+def allowed_labels(label_scheme: str | LabelScheme | None = None, et_label: int | None = None) -> tuple[int, ...]:
+    """The label values a label map of this scheme may hold, background included (for validation)."""
+    return get_scheme(label_scheme, et_label).allowed_labels
+
+
+def label_values(path: str) -> set[int]:
+    """The distinct values of a label map file (voxel data read)."""
+    import nibabel as nib
+
+    data = np.asanyarray(nib.load(str(path)).dataobj)
+    if np.issubdtype(data.dtype, np.integer) and data.size and data.min() >= 0:
+        return {int(v) for v in np.flatnonzero(np.bincount(data.ravel().astype(np.int64, copy=False)))}
+    return {int(v) for v in np.unique(np.rint(data[np.isfinite(data)]))}
+
+
+DETECTION_SAMPLE = 15  # label maps read to detect the scheme of a 2023+ dataset
+
+
+def detect_label_scheme(label_files: Iterable[str], et_label: int = 4) -> LabelScheme:
+    """The scheme of a dataset from its naming's ET label and, for 2023+ naming, its label maps.
+
+    ET 4 (2018-2021 naming) is ``brats2018``; the files are not read. ET 3 (2023+ naming) is ``brats2024`` when
+    most label maps hold the value 4 (RC), else ``brats2023``: a few maps with a stray 4 in 2023 data are errors
+    for validation to report, not a reason to read 4 as RC. Files are read until the majority is known (half of
+    them or more; pass ``label_scheme`` to skip this). At most ``DETECTION_SAMPLE`` maps, evenly spread over the
+    list, are read (0.4 s each for 240x240x155), so the start of a training on 1,251 cases stays quick.
+    """
+    scheme = scheme_for_et_label(et_label)
+    if scheme.name == "brats2018":
+        return scheme
+    files = [str(p) for p in label_files if p]
+    if len(files) > DETECTION_SAMPLE:
+        files = [files[int(i)] for i in np.linspace(0, len(files) - 1, DETECTION_SAMPLE).round()]
+    rc, with_rc, without_rc = SCHEMES["brats2024"].rc_label, 0, 0
+    for path in files:
+        try:
+            values = label_values(path)
+        except Exception:  # noqa: BLE001 - an unreadable map is the pre-flight's to report
+            values = set()
+        if rc in values:
+            with_rc += 1
+        else:
+            without_rc += 1
+        if 2 * with_rc > len(files):
+            return SCHEMES["brats2024"]
+        if 2 * without_rc >= len(files):
+            return scheme
+    return scheme
+
+
+def resolve_label_scheme(datalist: Mapping, label_scheme: str | LabelScheme | None = None) -> LabelScheme:
+    """The scheme to train / evaluate with: ``label_scheme`` if given, else the datalist's ``"label_scheme"``, else
+    detected (``detect_label_scheme``) from the datalist's ``"et_label"`` (its naming) and its label files."""
+    if label_scheme not in (None, ""):
+        return get_scheme(label_scheme)
+    if datalist.get("label_scheme"):
+        return get_scheme(datalist["label_scheme"])
+    labels = [e.get("label") for e in datalist.get("training", []) if isinstance(e, Mapping)]
+    return detect_label_scheme(labels, datalist.get("et_label", SCHEMES[DEFAULT_SCHEME].et_label))
+
+
+def labels_to_regions(labels, label_scheme: str | LabelScheme | None = None, et_label: int | None = None):
+    """Label map ``(H, W, D)`` or ``(1, H, W, D)`` -> boolean region masks ``(C, H, W, D)`` in channel order.
+
+    Tensor in, bool tensor out (numpy in, numpy out). For ``brats2018`` / ``brats2023`` this equals MONAI's
+    ``ConvertToMultiChannelBasedOnBratsClasses(et_label)`` (tested); ``brats2024`` adds RC as a fourth channel.
+    """
+    scheme = get_scheme(label_scheme, et_label)
+    is_tensor = isinstance(labels, torch.Tensor)
+    if labels.ndim == 4 and labels.shape[0] == 1:
+        labels = labels[0]
+    if is_tensor:
+        masks = [torch.isin(labels, torch.tensor(v, device=labels.device, dtype=labels.dtype)) for v in scheme.region_labels.values()]
+        return torch.stack(masks, dim=0)
+    labels = np.asarray(labels)
+    return np.stack([np.isin(labels, v) for v in scheme.region_labels.values()], axis=0)
+
+
+def regions_to_labels(regions, label_scheme: str | LabelScheme | None = None, et_threshold: int = 0, et_label: int | None = None):
+    """Binary region masks ``(C, H, W, D)`` in channel order (TC, WT, ET[, RC]) -> one label map ``(H, W, D)`` uint8.
+
+    The tumor regions are nested (ET in TC in WT): labels go from the outside in, WT -> 2, TC -> 1, ET -> the
+    scheme's ET label, and a voxel an independent sigmoid puts in an inner region but not in an outer one counts
+    as in both. When the case's ET volume is below ``et_threshold`` voxels the ET voxels become label 1 (the
+    paper's post-processing). With RC (``brats2024``), RC voxels outside the whole tumor become label 4: the
+    tumor wins where both are predicted.
+    """
+    scheme = get_scheme(label_scheme, et_label)
+    is_tensor = isinstance(regions, torch.Tensor)
+    masks = regions.bool() if is_tensor else np.asarray(regions).astype(bool)
+    if masks.ndim != 4 or masks.shape[0] != scheme.out_channels:
+        raise ValueError(
+            f"label_scheme {scheme.name} expects ({scheme.out_channels}, H, W, D) masks in "
+            f"{', '.join(r.upper() for r in scheme.regions)} order, got {tuple(masks.shape)}."
+        )
+    tc, wt, et = masks[0], masks[1], masks[2]
+    wt = wt | tc | et
+    tc = tc | et
+    if is_tensor:
+        labels = torch.zeros(wt.shape, dtype=torch.uint8, device=masks.device)
+    else:
+        labels = np.zeros(wt.shape, np.uint8)
+    labels[wt] = 2
+    labels[tc] = 1
+    if int(et.sum()) >= max(int(et_threshold), 1):
+        labels[et] = scheme.et_label
+    if scheme.rc_label is not None:
+        labels[masks[3] & ~wt] = scheme.rc_label
+    return labels
+
+
+class LabelsToRegionsd(MapTransform):
+    """Dictionary transform: a BraTS label map -> region masks ``(C, H, W, D)`` (TC, WT, ET[, RC]) of the scheme.
+
+    The scheme-aware replacement of MONAI's ``ConvertToMultiChannelBasedOnBratsClassesd`` (identical output for
+    ``brats2018`` / ``brats2023``). ``et_label`` overrides the scheme's ET value as in ``get_scheme``.
+    """
+
+    def __init__(
+        self,
+        keys: KeysCollection,
+        label_scheme: str | LabelScheme | None = None,
+        et_label: int | None = None,
+        allow_missing_keys: bool = False,
+    ) -> None:
+        super().__init__(keys, allow_missing_keys)
+        self.scheme = get_scheme(label_scheme, et_label)
+
+    def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict[Hashable, torch.Tensor]:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            d[key] = labels_to_regions(d[key], self.scheme)
+        return d
+
