@@ -1,4 +1,11 @@
-"""Checkpoints that survive crashes: atomic saves, the last N epoch snapshots, resume of the full training state."""
+"""Checkpoints that survive crashes: atomic saves, the last N epoch snapshots, resume of the full training state.
+
+One training run owns the top level of its checkpoint folder (``<output_dir>/models``): ``snapshot_epoch=N.pt``
+and ``model.pt``. A run that starts fresh (``resume`` false, or nothing to resume) first moves the previous run's
+files into ``models/previous_runs/<run id>/`` (nothing is deleted), so pruning, resume and snapshot ensembles of
+the folder only ever see one run. Every snapshot records its run id; a resumed run keeps it. Snapshots hold only
+tensors and plain Python values, so they load with ``torch.load(..., weights_only=True)`` everywhere.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +13,8 @@ import logging
 import os
 import random
 import re
+import secrets
+import time
 from collections.abc import Mapping, Sequence
 
 import numpy as np
@@ -20,7 +29,7 @@ __all__ = [
     "load_state_dict",
     "list_snapshots",
     "latest_snapshot",
-    "resolve_checkpoints",
+    "start_run",
     "EpochSnapshotSaver",
     "BestModelSaver",
     "ResumeFromLatest",
@@ -29,6 +38,8 @@ __all__ = [
 logger = logging.getLogger(__name__)
 TRAINING_ONLY = "stage2_trilinear_decoder."  # state-dict prefix of the decoder used only in training
 SNAPSHOT_PATTERN = re.compile(r"^snapshot_epoch=(\d+)\.pt$")
+BEST_MODEL = "model.pt"  # BestModelSaver's file, part of a run
+PREVIOUS_RUNS = "previous_runs"  # where a fresh run moves the files of the run before it
 
 
 def atomic_save(obj: object, path: str) -> str:
@@ -41,7 +52,8 @@ def atomic_save(obj: object, path: str) -> str:
 
 
 def list_snapshots(ckpt_dir: str) -> list[tuple[int, str]]:
-    """``(epoch, path)`` of every ``snapshot_epoch=N.pt`` in ``ckpt_dir``, oldest first."""
+    """``(epoch, path)`` of every ``snapshot_epoch=N.pt`` in ``ckpt_dir``, oldest first: the snapshots of the
+    current (latest) run, since a fresh run moves older runs' files to ``previous_runs/``."""
     if not os.path.isdir(ckpt_dir):
         return []
     found = [(int(m.group(1)), os.path.join(ckpt_dir, name)) for name in os.listdir(ckpt_dir) if (m := SNAPSHOT_PATTERN.match(name))]
@@ -71,79 +83,150 @@ def load_state_dict(path: str, map_location: str | torch.device = "cpu") -> dict
     return dict(content)
 
 
-def resolve_checkpoints(checkpoints: str | Sequence[str], base_dir: str | None = None) -> list[str]:
-    """Expands ``checkpoints`` (a path, a list of paths, glob patterns, or a folder of snapshots) to existing files."""
-    import glob
-
-    items = [checkpoints] if isinstance(checkpoints, (str, os.PathLike)) else list(checkpoints)
-    resolved: list[str] = []
-    for item in items:
-        item = str(item)
-        if base_dir and not os.path.isabs(item) and not os.path.exists(item):
-            item = os.path.join(base_dir, item)
-        if os.path.isdir(item):
-            snapshots = [p for _, p in list_snapshots(item)]
-            if not snapshots:
-                raise FileNotFoundError(f"checkpoint folder {item} holds no snapshot_epoch=N.pt files.")
-            resolved.extend(snapshots)
-        elif any(c in item for c in "*?["):
-            matches = sorted(glob.glob(item))
-            if not matches:
-                raise FileNotFoundError(f"checkpoint pattern {item} matches no file.")
-            resolved.extend(matches)
-        else:
-            if not os.path.isfile(item):
-                raise FileNotFoundError(
-                    f"checkpoint {item} does not exist: train first, or pass --checkpoints with existing files."
-                )
-            resolved.append(item)
-    if not resolved:
-        raise ValueError("`checkpoints` is empty: give at least one checkpoint file.")
-    return resolved
-
-
 def _rng_state() -> dict:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """The RNG states as tensors and plain Python values (``weights_only`` loading rejects numpy arrays)."""
+    name, keys, pos, has_gauss, cached_gaussian = np.random.get_state(legacy=True)
+    state = {
+        "python": random.getstate(),  # (version, tuple of ints, float or None)
+        "numpy": {"name": name, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                  "has_gauss": int(has_gauss), "cached_gaussian": float(cached_gaussian)},
+        "torch": torch.get_rng_state(),
+    }
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
 
 
 def _set_rng_state(state: Mapping) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    version, internal, gauss_next = state["python"]
+    random.setstate((version, tuple(internal), gauss_next))
+    numpy_state = state["numpy"]
+    keys = np.asarray(numpy_state["keys"], dtype=np.int64).astype(np.uint32)
+    np.random.set_state(
+        (numpy_state["name"], keys, numpy_state["pos"], numpy_state["has_gauss"], numpy_state["cached_gaussian"])
+    )
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def _new_run_id() -> str:
+    """``YYYYmmdd-HHMMSS-xxxxxx``: sortable by start time, unique thanks to the random tail."""
+    return f"{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(3)}"
+
+
+def _read_snapshot(path: str, map_location: str | torch.device = "cpu") -> dict:
+    """A training snapshot loaded with ``weights_only=True``; ``RuntimeError`` naming the file when it is truncated,
+    unreadable, holds anything but tensors and plain values (a planted pickle), or is no training snapshot."""
+    try:
+        content = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:  # truncated zip, unpickling refused, I/O error
+        raise RuntimeError(f"snapshot {path} cannot be loaded with weights_only=True ({type(e).__name__}: {e})") from e
+    if not isinstance(content, Mapping) or not {"model", "trainer"} <= set(content):
+        raise RuntimeError(f"snapshot {path} is no training snapshot (no 'model' and 'trainer' entries)")
+    return dict(content)
+
+
+def _run_id_of(paths: Sequence[str]) -> str | None:
+    """The run id recorded in the newest readable snapshot of ``paths`` (oldest first)."""
+    for path in reversed(paths):
+        try:
+            run_id = torch.load(path, map_location="cpu", weights_only=True, mmap=True).get("run_id")
+        except Exception:
+            continue
+        if isinstance(run_id, str) and run_id and os.path.basename(run_id) == run_id and ".." not in run_id:
+            return run_id
+    return None
+
+
+def start_run(ckpt_dir: str, best_model: str = BEST_MODEL) -> str:
+    """Starts a new run in ``ckpt_dir`` and returns its run id.
+
+    The files of the run before it (its ``snapshot_epoch=N.pt`` and ``best_model``) are moved, never deleted, to
+    ``ckpt_dir/previous_runs/<its run id>/``, so that the new run's pruning cannot delete them and a later resume
+    or snapshot ensemble of ``ckpt_dir`` cannot pick them up. Call it on one process only (rank 0).
+    """
+    os.makedirs(ckpt_dir, exist_ok=True)
+    snapshots = [path for _, path in list_snapshots(ckpt_dir)]
+    best = os.path.join(ckpt_dir, best_model)
+    previous = snapshots + ([best] if os.path.isfile(best) else [])
+    if previous:
+        stamp = time.strftime("%Y%m%d-%H%M%S", time.localtime(max(os.path.getmtime(p) for p in previous)))
+        name = _run_id_of(snapshots) or f"{stamp}-unnamed"
+        target = os.path.join(ckpt_dir, PREVIOUS_RUNS, name)
+        suffix = 1
+        while os.path.exists(target):
+            suffix += 1
+            target = os.path.join(ckpt_dir, PREVIOUS_RUNS, f"{name}.{suffix}")
+        os.makedirs(target)
+        for path in previous:
+            os.replace(path, os.path.join(target, os.path.basename(path)))
+        logger.warning(
+            f"new run in {ckpt_dir}: moved the previous run's {len(previous)} checkpoint file(s) to {target}"
+        )
+    return _new_run_id()
+
+
+def _validator_state(validator: Engine | None) -> dict | None:
+    if validator is None:
+        return None
+    state = validator.state
+    best_metric = getattr(state, "best_metric", None)
+    return {
+        "key_metric_name": str(getattr(state, "key_metric_name", None) or ""),
+        "best_metric": float(best_metric) if best_metric is not None else None,
+        "best_metric_epoch": int(getattr(state, "best_metric_epoch", -1)),
+    }
+
+
 class EpochSnapshotSaver:
-    """Saves ``snapshot_epoch=N.pt`` after every epoch and keeps the last ``n_saved``.
+    """Saves ``snapshot_epoch=N.pt`` after every epoch and keeps the last ``n_saved`` of the current run.
 
     Each snapshot holds the objects of ``save_dict`` (network, optimizer, LR scheduler), the state of the trainer
-    it is attached to (epoch and iteration counters, and its AMP ``scaler`` when it has one) and the RNG states, so it serves both resume and
-    the paper's snapshot ensemble of the last epochs. Attach it after ``LrScheduleHandler`` so the saved schedule
-    has stepped; with ``rank`` other than 0 (distributed training) it does nothing.
+    it is attached to (epoch and iteration counters, and its AMP ``scaler`` when it has one), the RNG states, the
+    run id and, with ``validator``, the validator's best key metric (so a resume does not take its first
+    validation for a new best), so it serves both resume and the paper's snapshot ensemble of the last epochs.
+    Attach it after ``ResumeFromLatest`` (which sets the run id, or starts a new run) and after
+    ``LrScheduleHandler`` so the saved schedule has stepped; without a run id it starts a new run itself
+    (``start_run``). With ``rank`` other than 0 (distributed training) it does nothing.
     """
 
-    def __init__(self, save_dir: str, save_dict: Mapping[str, object], n_saved: int = 8, rank: int = 0) -> None:
+    def __init__(
+        self,
+        save_dir: str,
+        save_dict: Mapping[str, object],
+        n_saved: int = 8,
+        rank: int = 0,
+        validator: Engine | None = None,
+    ) -> None:
         if n_saved < 1:
             raise ValueError(f"n_snapshots must be at least 1 (it keeps the resume point), got {n_saved}.")
         self.save_dir, self.save_dict, self.n_saved, self.rank = save_dir, save_dict, n_saved, rank
+        self.validator = validator
 
     def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.STARTED, self.start)
         engine.add_event_handler(Events.EPOCH_COMPLETED, self)
+
+    def start(self, engine: Engine) -> None:
+        if self.rank == 0 and not getattr(engine.state, "run_id", None):
+            engine.state.run_id = start_run(self.save_dir)
 
     def __call__(self, engine: Engine) -> None:
         if self.rank != 0:
             return
+        if not getattr(engine.state, "run_id", None):  # called without attach()
+            self.start(engine)
         state = {key: _unwrap(obj).state_dict() for key, obj in self.save_dict.items() if obj is not None}
         state["trainer"] = engine.state_dict()
         if getattr(engine, "scaler", None) is not None:  # AMP's GradScaler of MONAI's SupervisedTrainer
             state["scaler"] = engine.scaler.state_dict()
         state["rng"] = _rng_state()
+        state["run_id"] = engine.state.run_id
+        if self.validator is not None:
+            state["validator"] = _validator_state(self.validator)
         atomic_save(state, os.path.join(self.save_dir, f"snapshot_epoch={engine.state.epoch}.pt"))
-        for _, old in list_snapshots(self.save_dir)[: -self.n_saved]:
+        for _, old in list_snapshots(self.save_dir)[: -self.n_saved]:  # only this run's files are at the top level
             os.remove(old)
 
 
@@ -152,10 +235,12 @@ class BestModelSaver:
 
     The file is the inference model: the training-only trilinear decoder is left out, so it loads strictly into
     the ``network_def`` of inference.json (and MONAI Label, ``ckpt_export``).
-    Attach to the validation evaluator. The previous best survives any crash during a save.
+    Attach to the validation evaluator. The previous best survives any crash during a save; after a resume the
+    best metric so far comes back from the snapshot (``ResumeFromLatest(validator=...)``), so only a better
+    validation replaces the file.
     """
 
-    def __init__(self, save_dir: str, network: torch.nn.Module, filename: str = "model.pt", rank: int = 0) -> None:
+    def __init__(self, save_dir: str, network: torch.nn.Module, filename: str = BEST_MODEL, rank: int = 0) -> None:
         self.path = os.path.join(save_dir, filename)
         self.network, self.rank = network, rank
 
@@ -171,32 +256,83 @@ class BestModelSaver:
 
 
 class ResumeFromLatest:
-    """At the trainer's start, restores the latest snapshot of ``ckpt_dir``: weights, optimizer, LR schedule, AMP
-    scaler, trainer state (epoch and iteration counters) and RNG states, so that an interrupted run (even one
-    killed with SIGKILL) continues at the next epoch and ends at the configured ``max_epochs``.
+    """At the trainer's start, restores the latest readable snapshot of ``ckpt_dir``: weights, optimizer, LR
+    schedule, AMP scaler, trainer state (epoch and iteration counters), RNG states, the run id and, with
+    ``validator``, the validator's best metric, so that an interrupted run (even one killed with SIGKILL)
+    continues at the next epoch, ends at the configured ``max_epochs`` and replaces ``model.pt`` only with a
+    better model.
+
+    Snapshots load with ``weights_only=True``. One that cannot be read (truncated, or holding code) is named in
+    a warning and the one before it is used. With ``enabled=False``, or nothing to resume, a new run starts
+    (``start_run``: the previous run's files move to ``previous_runs/``); with ``rank`` other than 0 it only
+    restores, and leaves the files to rank 0.
     """
 
-    def __init__(self, ckpt_dir: str, load_dict: Mapping[str, object], enabled: bool = True, map_location: str = "cpu") -> None:
+    def __init__(
+        self,
+        ckpt_dir: str,
+        load_dict: Mapping[str, object],
+        enabled: bool = True,
+        map_location: str = "cpu",
+        validator: Engine | None = None,
+        rank: int = 0,
+    ) -> None:
         self.ckpt_dir, self.load_dict, self.enabled, self.map_location = ckpt_dir, load_dict, enabled, map_location
+        self.validator, self.rank = validator, rank
 
     def attach(self, engine: Engine) -> None:
         engine.add_event_handler(Events.STARTED, self)
 
+    def _latest_readable(self) -> tuple[str, dict] | None:
+        snapshots = list_snapshots(self.ckpt_dir)
+        failures = []
+        for _, path in reversed(snapshots):
+            try:
+                return path, _read_snapshot(path, self.map_location)
+            except RuntimeError as e:
+                failures.append(str(e))
+                logger.warning(f"{e}; resuming from the snapshot before it instead")
+        if failures:
+            raise RuntimeError(
+                f"no snapshot in {self.ckpt_dir} can be resumed from: {'; '.join(failures)}. Start a new run with "
+                "--resume false (it moves these files to previous_runs/), or remove the bad files."
+            )
+        return None
+
     def __call__(self, engine: Engine) -> None:
-        path = latest_snapshot(self.ckpt_dir) if self.enabled else None
-        if path is None:
+        found = self._latest_readable() if self.enabled else None
+        if found is None:
+            if self.rank == 0:
+                engine.state.run_id = start_run(self.ckpt_dir)
+                logger.info(f"new run {engine.state.run_id} in {self.ckpt_dir}")
             return
+        path, checkpoint = found
         max_epochs = engine.state.max_epochs
-        checkpoint = torch.load(path, map_location=self.map_location, weights_only=False)
         objects = {key: _unwrap(obj) for key, obj in self.load_dict.items() if obj is not None and key in checkpoint}
         objects["trainer"] = engine
         if getattr(engine, "scaler", None) is not None and "scaler" in checkpoint:
             objects["scaler"] = engine.scaler
-        Checkpoint.load_objects(to_load=objects, checkpoint=checkpoint)
+        try:
+            Checkpoint.load_objects(to_load=objects, checkpoint=checkpoint)
+        except (RuntimeError, KeyError, ValueError, TypeError) as e:
+            raise RuntimeError(
+                f"snapshot {path} does not fit this training ({type(e).__name__}: {str(e)[:300]}): resume with the "
+                "settings it was trained with, or start a new run with --resume false."
+            ) from e
         if "rng" in checkpoint:
             _set_rng_state(checkpoint["rng"])
+        best = checkpoint.get("validator")
+        best_note = ""
+        if self.validator is not None and best and best.get("best_metric") is not None:
+            self.validator.state.best_metric = best["best_metric"]
+            self.validator.state.best_metric_epoch = best["best_metric_epoch"]
+            best_note = f", best {best['key_metric_name']} {best['best_metric']:.4f} at epoch {best['best_metric_epoch']}"
+        engine.state.run_id = checkpoint.get("run_id") or _new_run_id()  # snapshots of older versions had none
         engine.state.max_epochs = max_epochs  # a resumed run ends at the epoch count configured now
-        logger.info(f"resumed from {path}: epoch {engine.state.epoch} of {max_epochs} done")
+        logger.info(
+            f"resumed from {path} (run {engine.state.run_id}): "
+            f"epoch {engine.state.epoch} of {max_epochs} done{best_note}"
+        )
 
 
 def _unwrap(obj: object) -> object:

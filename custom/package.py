@@ -5,13 +5,14 @@ The zip unpacks to one folder named after the bundle (MONAI bundle specification
     <name>/
       LICENSE
       large_files.yml
-      configs/    every *.json, *.yaml / *.yml and logging.conf of the bundle
-      models/     empty unless weights are asked for: then model.pt
+      configs/    the bundle's own configs (BUNDLE_CONFIGS); other files there (datalists, experiments) stay out
+      models/     README.md (how to get weights); model.pt when weights are asked for
       docs/       the model card and whatever else the bundle documents
       custom/     this Python package (no caches), next to configs/ so the configs' ``$import custom`` works
 
 so the unpacked folder runs ``python -m monai.bundle run ...`` and ``python -m custom ...`` from inside it, without
-this repository installed. The zip is written to a temporary file beside the target and renamed into place.
+this repository installed. Symbolic links are never followed or shipped. The zip is written to a temporary file
+beside the target and renamed into place.
 """
 
 from __future__ import annotations
@@ -23,9 +24,21 @@ from pathlib import Path
 
 from custom.io import atomic_path
 
-__all__ = ["package", "bundle_files", "default_output"]
+__all__ = ["package", "bundle_files", "default_output", "BUNDLE_CONFIGS"]
 
-CONFIG_SUFFIXES = (".json", ".yaml", ".yml", ".conf")
+# The configs that are part of the bundle. Anything else in configs/ (a datalist with private paths, a local
+# experiment) is left out of the zip: add a new bundle config here to ship it.
+BUNDLE_CONFIGS = (
+    "metadata.json",
+    "train.json",
+    "multi_gpu_train.json",
+    "demo.json",
+    "evaluate.json",
+    "inference.json",
+    "multi_gpu_inference.json",
+    "multi_gpu_evaluate.json",
+    "logging.conf",
+)
 SKIPPED_DIRS = {"__pycache__", ".pytest_cache", ".mypy_cache", ".ipynb_checkpoints"}
 SKIPPED_SUFFIXES = (".pyc", ".pyo")
 ZIP_DATE = (1980, 1, 1, 0, 0, 0)  # fixed timestamps: the same sources give the same zip
@@ -65,18 +78,23 @@ def default_output() -> str:
 
 
 def _tree(folder: Path, suffixes: tuple[str, ...] | None = None) -> list[Path]:
-    """Files under ``folder`` (sorted, relative), without caches, compiled files and hidden files."""
+    """Regular files under ``folder`` (sorted, relative), without caches, compiled files, hidden files and symbolic
+    links (a link could point anywhere, e.g. at private data)."""
     found = []
-    for path in sorted(folder.rglob("*")):
-        relative = path.relative_to(folder)
-        if any(part in SKIPPED_DIRS or part.startswith(".") for part in relative.parts):
-            continue
-        if not path.is_file() or path.suffix in SKIPPED_SUFFIXES:
-            continue
-        if suffixes is not None and path.suffix not in suffixes:
-            continue
-        found.append(relative)
-    return found
+    for root, dirs, names in os.walk(folder, followlinks=False):  # os.walk lists linked folders but never enters them
+        dirs[:] = [d for d in dirs if d not in SKIPPED_DIRS and not d.startswith(".")]
+        for name in names:
+            path = Path(root) / name
+            if name.startswith(".") or path.is_symlink() or not path.is_file() or path.suffix in SKIPPED_SUFFIXES:
+                continue
+            if suffixes is not None and path.suffix not in suffixes:
+                continue
+            found.append(path.relative_to(folder))
+    return sorted(found)
+
+
+def _regular_file(path: Path) -> bool:
+    return path.is_file() and not path.is_symlink()
 
 
 def bundle_files(with_weights: bool = False, weights: str | os.PathLike | None = None) -> dict[str, Path]:
@@ -89,15 +107,23 @@ def bundle_files(with_weights: bool = False, weights: str | os.PathLike | None =
     files: dict[str, Path] = {}
     for name in ("LICENSE", "large_files.yml"):
         source = bundle_dir / name
-        if not source.is_file():
-            raise FileNotFoundError(f"{source} is missing: every bundle zip ships it.")
+        if not _regular_file(source):
+            raise FileNotFoundError(f"{source} is missing (or a symbolic link): every bundle zip ships it as a file.")
         files[name] = source
-    for relative in _tree(bundle_dir / "configs", CONFIG_SUFFIXES):
-        files[f"configs/{relative.as_posix()}"] = bundle_dir / "configs" / relative
-    if not (bundle_dir / "docs" / "README.md").is_file():
+    for name in BUNDLE_CONFIGS:
+        source = bundle_dir / "configs" / name
+        if not _regular_file(source):
+            raise FileNotFoundError(
+                f"{source} is missing (or a symbolic link): it is one of the bundle's configs (BUNDLE_CONFIGS of "
+                "custom/package.py); restore it, or take it off that list."
+            )
+        files[f"configs/{name}"] = source
+    if not _regular_file(bundle_dir / "docs" / "README.md"):
         raise FileNotFoundError(f"{bundle_dir / 'docs' / 'README.md'} (the model card) is missing.")
     for relative in _tree(bundle_dir / "docs"):
         files[f"docs/{relative.as_posix()}"] = bundle_dir / "docs" / relative
+    if _regular_file(bundle_dir / "models" / "README.md"):  # how to get model.pt, as model-zoo bundles have it
+        files["models/README.md"] = bundle_dir / "models" / "README.md"
     for relative in _tree(package_dir, (".py",)):
         files[f"custom/{relative.as_posix()}"] = package_dir / relative
     if with_weights or weights is not None:
@@ -172,6 +198,9 @@ def package(
     size = output.stat().st_size / 2**20
     weights_note = f"with weights {files['models/model.pt']}" if "models/model.pt" in files else "without weights"
     print(f"wrote {output} ({len(files)} files, {size:.1f} MiB, {weights_note}); it unpacks to {name}/")
+    left_out = sorted(p.name for p in (bundle_dir / "configs").iterdir() if p.name not in BUNDLE_CONFIGS)
+    if left_out:
+        print(f"left out of configs/ (not in BUNDLE_CONFIGS of custom/package.py): {', '.join(left_out)}")
     return str(output)
 
 
