@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import re
@@ -15,10 +14,11 @@ from monai.data import MetaTensor
 from monai.inferers import Inferer
 from monai.transforms import MapTransform
 
-from custom.checkpoints import TRAINING_ONLY, load_state_dict, resolve_checkpoints
-from custom.io import atomic_path
+from custom.ensemble import FLIP_DIMS, SnapshotFlipEnsemble, snapshot_sets, sum_flipped_probabilities
+from custom.ensemble import load_weights as _load_weights
+from custom.io import atomic_path, safe_case_id
 from custom.data import case_id_from_path, discover_cases, implied_et_label, load_datalist
-from custom.transforms import regions_to_labels
+from custom.labels import get_scheme, regions_to_labels
 
 __all__ = [
     "FLIP_DIMS",
@@ -28,14 +28,10 @@ __all__ = [
     "inference_files",
     "RegionsToLabelsd",
     "BratsPredictionWriter",
-    "segment_cases",
     "output_et_label",
 ]
 
 logger = logging.getLogger(__name__)
-
-# The 8 flip combinations of the 3 spatial axes, identity first; ``tta=k`` uses the first k.
-FLIP_DIMS: tuple[tuple[int, ...], ...] = ((), (2,), (3,), (4,), (2, 3), (2, 4), (3, 4), (2, 3, 4))
 
 
 class FlipTTAInferer(Inferer):
@@ -45,6 +41,11 @@ class FlipTTAInferer(Inferer):
     and the flipped-back probabilities are summed in float32, so memory grows with the chunk, not with the number
     of flips. Returns probabilities (sigmoid by default), the quantity the paper averages over flips and models.
     ``base_inferer`` (e.g. ``SlidingWindowInferer``) replaces the whole-volume call for GPUs with little memory.
+
+    Given a ``custom.ensemble.SnapshotFlipEnsemble`` (inference.json's and evaluate.json's ``network``), it runs the
+    flips that the ensemble planned for each of its networks (e.g. the paper's snapshot ``i`` on flip ``i``) instead
+    of ``num_flips`` flips of the whole ensemble; any other network (MONAI Label's, ``load_network``'s) gets
+    ``num_flips`` flips.
     """
 
     def __init__(
@@ -61,30 +62,12 @@ class FlipTTAInferer(Inferer):
         self.activation = activation
         self.base_inferer = base_inferer
 
-    def _chunk_size(self, inputs: torch.Tensor) -> int:
-        if self.chunk_size:
-            return max(1, int(self.chunk_size))
-        return 4 if inputs.is_cuda else 1
-
     def __call__(self, inputs: torch.Tensor, network: Callable[..., torch.Tensor], *args, **kwargs) -> torch.Tensor:
-        if isinstance(inputs, MetaTensor):
-            inputs = inputs.as_tensor()
-        n = inputs.shape[0]
-        chunk = self._chunk_size(inputs)
-        total: torch.Tensor | None = None
-        for start in range(0, len(self.flips), chunk):
-            flips = self.flips[start : start + chunk]
-            batch = torch.cat([torch.flip(inputs, dims) if dims else inputs for dims in flips], dim=0)
-            outputs = self.base_inferer(batch, network, *args, **kwargs) if self.base_inferer else network(batch, *args, **kwargs)
-            if isinstance(outputs, MetaTensor):
-                outputs = outputs.as_tensor()
-            if self.activation is not None:
-                outputs = self.activation(outputs.float())
-            for i, dims in enumerate(flips):
-                part = outputs[i * n : (i + 1) * n].float()
-                part = torch.flip(part, dims) if dims else part
-                total = part if total is None else total.add_(part)
-        assert total is not None
+        if isinstance(network, SnapshotFlipEnsemble):
+            return network.probabilities(inputs, self.chunk_size, self.base_inferer, self.activation)
+        base = (lambda batch, net: self.base_inferer(batch, net, *args, **kwargs)) if self.base_inferer else None
+        model = (lambda batch: network(batch, *args, **kwargs)) if args or kwargs else network
+        total = sum_flipped_probabilities(inputs, model, self.flips, self.chunk_size, self.activation, base)
         return total / len(self.flips)
 
 
@@ -110,23 +93,6 @@ class CheckpointEnsemble(torch.nn.Module):
         return torch.logit(mean_probability / len(self.members), eps=1e-6)
 
 
-def _load_weights(network: torch.nn.Module, path: str) -> None:
-    """Strict loading, except for the training-only trilinear decoder, which is never used in eval mode: it may
-    be absent from the file (``model.pt`` is saved without it) or from the network (inference.json builds none)."""
-    hint = "was it trained with other `network_def` settings (init_filters, blocks_down, blocks_up)? Use the same ones here."
-    try:
-        result = network.load_state_dict(load_state_dict(path), strict=False)
-    except RuntimeError as e:  # shape mismatches
-        raise RuntimeError(f"checkpoint {path} does not fit `network_def` ({str(e).splitlines()[1].strip()}); {hint}") from e
-    missing = [k for k in result.missing_keys if not k.startswith(TRAINING_ONLY)]
-    unexpected = [k for k in result.unexpected_keys if not k.startswith(TRAINING_ONLY)]
-    if missing or unexpected:
-        raise RuntimeError(
-            f"checkpoint {path} does not fit `network_def` ({len(missing)} missing weights, e.g. {missing[:2]}; "
-            f"{len(unexpected)} unexpected, e.g. {unexpected[:2]}); {hint}"
-        )
-
-
 def load_network(
     network_def: torch.nn.Module,
     checkpoints: str | Sequence[str],
@@ -138,10 +104,12 @@ def load_network(
 
     One checkpoint gives the network itself; several give a ``CheckpointEnsemble`` of copies. Every file is
     loaded (``weights_only=True``) and checked here, before any case is processed; errors name the file.
+    With ``FlipTTAInferer`` this is the ``all`` ensemble; the configs use ``custom.ensemble.SnapshotFlipEnsemble``,
+    which also builds the paper's snapshot-flip ensemble and loads at the start of the run.
     """
     import copy
 
-    paths = resolve_checkpoints(checkpoints, base_dir)
+    paths = [path for files in snapshot_sets(checkpoints, "all", base_dir=base_dir) for path in files]
     members = []
     for path in paths:
         member = copy.deepcopy(network_def) if len(paths) > 1 else network_def
@@ -189,17 +157,23 @@ def _first(image: str | Sequence[str]) -> str:
 
 
 class RegionsToLabelsd(MapTransform):
-    """Dictionary wrapper of ``regions_to_labels``: TC, WT, ET masks -> one BraTS label map ``(1, H, W, D)`` uint8."""
+    """Dictionary wrapper of ``custom.labels.regions_to_labels``: TC, WT, ET (, RC) masks -> one BraTS label map
+    ``(1, H, W, D)`` uint8 of ``label_scheme`` (None: the scheme of ``et_label``, default ET 4; ``et_label`` overrides the
+    scheme's ET value as in ``custom.labels.get_scheme``). With ``brats2024``, RC outside the tumor is written 4."""
 
-    def __init__(self, keys, et_label: int = 4, et_threshold: int = 0, allow_missing_keys: bool = False) -> None:
+    def __init__(
+        self, keys, et_label: int | None = None, et_threshold: int = 0, allow_missing_keys: bool = False,
+        label_scheme: str | None = None,
+    ) -> None:  # fmt: skip
         super().__init__(keys, allow_missing_keys)
-        self.et_label, self.et_threshold = int(et_label), int(et_threshold)
+        self.scheme = get_scheme(label_scheme, et_label)
+        self.et_label, self.et_threshold = self.scheme.et_label, int(et_threshold)
 
     def __call__(self, data: Mapping) -> dict:
         d = dict(data)
         for key in self.key_iterator(d):
             regions = d[key]
-            labels = regions_to_labels(regions, self.et_label, self.et_threshold)[None]
+            labels = regions_to_labels(regions, self.scheme, self.et_threshold)[None]
             if isinstance(regions, MetaTensor):
                 labels = MetaTensor(labels, meta=regions.meta)
             d[key] = labels
@@ -220,7 +194,7 @@ class BratsPredictionWriter:
         self.output_dir, self.save_probabilities, self.probabilities_key = output_dir, save_probabilities, probabilities_key
 
     def __call__(self, data: Mapping) -> str:
-        case_id = data["case_id"]
+        case_id = safe_case_id(data["case_id"])  # never a path outside output_dir
         source = _first(data["source"])
         reference = nib.load(source)
         spatial_shape = reference.shape[:3] if reference.ndim == 3 or reference.shape[-1] == 4 else reference.shape[1:4]
@@ -228,7 +202,10 @@ class BratsPredictionWriter:
         if labels.shape != tuple(spatial_shape):
             raise RuntimeError(f"{case_id}: prediction shape {labels.shape} differs from the input {source} {spatial_shape}.")
         path = os.path.join(self.output_dir, f"{case_id}.nii.gz")
-        _atomic_nifti(self._like(labels, reference), path)
+        image = self._like(labels, reference)
+        if data.get("provenance"):  # the settings that made it, so a rerun can tell whether to keep it
+            image.header["descrip"] = str(data["provenance"]).encode()[:79]
+        _atomic_nifti(image, path)
         if self.save_probabilities and self.probabilities_key in data:
             probabilities = np.moveaxis(np.asarray(data[self.probabilities_key], dtype=np.float32), 0, -1)
             _atomic_nifti(self._like(probabilities, reference), os.path.join(self.output_dir, f"{case_id}_probabilities.nii.gz"))
@@ -242,56 +219,3 @@ class BratsPredictionWriter:
         image.set_sform(reference.affine, code=int(header["sform_code"]) or 1)
         image.header.set_xyzt_units(*header.get_xyzt_units())
         return image
-
-
-def _describe(error: BaseException) -> str:
-    """The root cause of an error, without MONAI's "applying transform ..." wrappers."""
-    while error.__cause__ is not None and str(error).startswith("applying transform"):
-        error = error.__cause__
-    return f"{type(error).__name__}: {error}"
-
-
-def segment_cases(
-    data: Sequence[dict],
-    preprocessing: Callable,
-    network: torch.nn.Module,
-    inferer: Callable,
-    postprocessing: Callable,
-    writer: Callable[[Mapping], str],
-    device: str | torch.device = "cpu",
-    amp: bool = False,
-    progress: bool = True,
-    raise_on_failure: bool = True,
-) -> list[str]:
-    """Segments every case and writes it; a case that fails is reported and the others still run.
-
-    Ends with a summary and raises ``RuntimeError`` (non-zero exit) listing the failed cases, after all the good
-    ones are written; with ``raise_on_failure=False`` it only logs them (evaluation then reports the cases it
-    finds no prediction for, after scoring the others).
-    """
-    from tqdm import tqdm
-
-    device = torch.device(device)
-    written, failures = [], []
-    if not data:
-        raise ValueError("no cases to segment: `dataset_dir` is missing, empty or holds no BraTS case.")
-    for item in tqdm(data, desc="segmenting", unit="case", disable=not progress):
-        case_id = item.get("case_id") or case_id_from_path(_first(item["image"]))
-        try:
-            if item.get("error"):
-                raise ValueError(item["error"])
-            sample = preprocessing({**item, "source": item["image"]})
-            image = sample["image"].unsqueeze(0).to(device)
-            autocast = torch.autocast(device.type, dtype=torch.bfloat16) if amp and device.type == "cuda" else contextlib.nullcontext()
-            with torch.inference_mode(), autocast:
-                probabilities = inferer(image, network)[0].float().cpu()
-            sample["pred"] = MetaTensor(probabilities, meta=sample["image"].meta)
-            sample = postprocessing(sample)
-            written.append(writer({**sample, "case_id": case_id}))
-        except Exception as e:  # one bad case must not stop the others
-            failures.append(f"{case_id}: {_describe(e)}")
-            logger.error(failures[-1])
-    print(f"segmented {len(written)} of {len(data)} cases" + (f"; {len(failures)} failed" if failures else ""))
-    if failures and raise_on_failure:
-        raise RuntimeError("these cases failed (the others were written):\n  " + "\n  ".join(failures))
-    return written

@@ -6,10 +6,11 @@ Segmentation Task", BrainLes 2019, LNCS 11992, pp. 231-241.
 Both stages are the residual U-Net of Table 1: an initial 3x3x3 convolution with dropout, pre-activation
 residual blocks (GN-ReLU-Conv3-GN-ReLU-Conv3 plus identity; MONAI's ``ResBlock``) repeated 1, 2, 2, 4 per
 encoder level with stride-2 convolutions doubling the channels in between, and a decoder that per level halves
-the channels with a 1x1x1 convolution, up-samples, adds the encoder's skip and applies one residual block.
-Stage 2 (Table 2) sees the 4 sequences concatenated with stage 1's 3 probability maps, doubles the filters,
-and has two decoders on one encoder: one up-sampling with transposed convolutions (used at inference) and one
-with trilinear interpolation (a training-time regulariser only).
+the channels with a 1x1x1 convolution, up-samples, adds the encoder's skip and applies one residual block;
+each decoder ends with the tables' EndConv, a 1x1x1 convolution to the 3 region logits. Stage 2 (Table 2) sees
+the 4 sequences concatenated with stage 1's 3 probability maps, doubles the filters, and has two decoders on
+one encoder: one up-sampling with transposed convolutions (used at inference) and one with trilinear
+interpolation (a training-time regulariser only).
 """
 
 from __future__ import annotations
@@ -69,9 +70,13 @@ class ResidualEncoder(nn.Module):
 
 
 class ResidualDecoder(nn.Module):
-    """Decoder of Table 1: per level Conv1 (halve channels) + up-sampling + additive skip + ResBlocks; GN-ReLU-Conv1 head.
+    """Decoder of Table 1: per level Conv1 (halve channels) + up-sampling + additive skip + ResBlocks; Conv1 head.
 
     ``upsample_mode="deconv"`` is the ConvTranspose 2x2x2 decoder, ``"nontrainable"`` the trilinear one (Table 2).
+    The head is the tables' EndConv, a 1x1x1 convolution with bias on the last residual block's output.
+    ``preactivated_head=True`` puts GroupNorm and ReLU before it, as this bundle did before it followed the
+    tables: weights trained that way load only into that head (state-dict keys ``head.0``/``head.2`` instead of
+    ``head.conv``).
     """
 
     def __init__(
@@ -83,6 +88,7 @@ class ResidualDecoder(nn.Module):
         norm: tuple | str = ("GROUP", {"num_groups": 8}),
         act: tuple | str = ("RELU", {"inplace": True}),
         gradient_checkpointing: bool = False,
+        preactivated_head: bool = False,
     ) -> None:
         super().__init__()
         self.gradient_checkpointing = gradient_checkpointing
@@ -98,11 +104,12 @@ class ResidualDecoder(nn.Module):
                 )
             )
             self.blocks.append(nn.Sequential(*[ResBlock(3, channels // 2, norm=norm, act=act) for _ in range(n_blocks)]))
-        self.head = nn.Sequential(
-            get_norm_layer(name=norm, spatial_dims=3, channels=init_filters),
-            nn.ReLU(),
-            get_conv_layer(3, init_filters, out_channels, kernel_size=1, bias=True),
-        )
+        end_conv = get_conv_layer(3, init_filters, out_channels, kernel_size=1, bias=True)
+        if preactivated_head:
+            norm_layer = get_norm_layer(name=norm, spatial_dims=3, channels=init_filters)
+            self.head = nn.Sequential(norm_layer, nn.ReLU(), end_conv)
+        else:
+            self.head = end_conv
 
     def forward(self, features: list[torch.Tensor]) -> torch.Tensor:
         skips = features[::-1]
@@ -125,13 +132,19 @@ class ResidualUNet(nn.Module):
         blocks_up: Sequence[int] = (1, 1, 1),
         dropout_prob: float | None = 0.2,
         gradient_checkpointing: bool = False,
+        preactivated_head: bool = False,
     ) -> None:
         super().__init__()
         self.encoder = ResidualEncoder(
             in_channels, init_filters, blocks_down, dropout_prob, gradient_checkpointing=gradient_checkpointing
         )
         self.decoder = ResidualDecoder(
-            out_channels, init_filters, blocks_up, "deconv", gradient_checkpointing=gradient_checkpointing
+            out_channels,
+            init_filters,
+            blocks_up,
+            "deconv",
+            gradient_checkpointing=gradient_checkpointing,
+            preactivated_head=preactivated_head,
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -159,6 +172,8 @@ class CascadedUNet(nn.Module):
         dropout_prob: dropout after each stage's initial convolution.
         trilinear_decoder: build stage 2's training-only trilinear decoder.
         gradient_checkpointing: recompute residual blocks in backward to save memory.
+        preactivated_head: GroupNorm-ReLU before each head's 1x1x1 convolution, for checkpoints trained before
+            the heads followed Tables 1 and 2 (a plain Conv1, the default).
     """
 
     def __init__(
@@ -171,13 +186,21 @@ class CascadedUNet(nn.Module):
         dropout_prob: float | None = 0.2,
         trilinear_decoder: bool = True,
         gradient_checkpointing: bool = False,
+        preactivated_head: bool = False,
     ) -> None:
         super().__init__()
         if len(blocks_up) != len(blocks_down) - 1:
             raise ValueError(f"blocks_up needs len(blocks_down) - 1 = {len(blocks_down) - 1} entries, got {blocks_up}.")
         self.divisor = 2 ** (len(blocks_down) - 1)
         self.stage1 = ResidualUNet(
-            in_channels, out_channels, init_filters, blocks_down, blocks_up, dropout_prob, gradient_checkpointing
+            in_channels,
+            out_channels,
+            init_filters,
+            blocks_down,
+            blocks_up,
+            dropout_prob,
+            gradient_checkpointing,
+            preactivated_head,
         )
         stage2_filters = 2 * init_filters
         self.stage2_encoder = ResidualEncoder(
@@ -187,13 +210,10 @@ class CascadedUNet(nn.Module):
             dropout_prob,
             gradient_checkpointing=gradient_checkpointing,
         )
-        self.stage2_deconv_decoder = ResidualDecoder(
-            out_channels, stage2_filters, blocks_up, "deconv", gradient_checkpointing=gradient_checkpointing
-        )
+        head = {"gradient_checkpointing": gradient_checkpointing, "preactivated_head": preactivated_head}
+        self.stage2_deconv_decoder = ResidualDecoder(out_channels, stage2_filters, blocks_up, "deconv", **head)
         self.stage2_trilinear_decoder = (
-            ResidualDecoder(
-                out_channels, stage2_filters, blocks_up, "nontrainable", gradient_checkpointing=gradient_checkpointing
-            )
+            ResidualDecoder(out_channels, stage2_filters, blocks_up, "nontrainable", **head)
             if trilinear_decoder
             else None
         )

@@ -1,16 +1,22 @@
 """Flip TTA, checkpoint ensembles, and the inference config on the real BraTS case."""
 
-import shutil
+import copy
 
 import nibabel as nib
 import numpy as np
 import pytest
 import torch
+from ignite.engine import Engine, Events
 from monai.bundle import ConfigWorkflow
 
 from conftest import CONFIG_DIR
+from custom.checkpoints import EpochSnapshotSaver
+from custom.ensemble import SnapshotFlipEnsemble, plan_passes
 from custom.inference import FLIP_DIMS, CheckpointEnsemble, FlipTTAInferer, load_network
 from custom.network import CascadedUNet
+from custom.synthetic import synthesize
+
+SMALL = {"init_filters": 8, "blocks_down": (1, 1, 1, 1)}
 
 
 class PositionNet(torch.nn.Module):
@@ -67,6 +73,141 @@ def test_missing_or_incompatible_checkpoint_names_the_file(tmp_path):
         load_network(CascadedUNet(init_filters=16), [str(tmp_path / "eight.pt")])
 
 
+def _train_snapshots(folder, n_epochs, n_saved=8, seed=0):
+    """Snapshots written by training's own ``EpochSnapshotSaver``, one per epoch, of a network whose weights change
+    every epoch (so every snapshot is another network); returns copies of the networks, oldest first."""
+    torch.manual_seed(seed)
+    net, nets = CascadedUNet(**SMALL), []
+
+    def perturb(engine, batch):
+        with torch.no_grad():
+            for p in net.parameters():
+                p.add_(0.2 * torch.randn_like(p))
+
+    engine = Engine(perturb)
+    EpochSnapshotSaver(str(folder), {"model": net}, n_saved=n_saved).attach(engine)
+    engine.add_event_handler(Events.EPOCH_COMPLETED, lambda e: nets.append(copy.deepcopy(net).eval()))
+    engine.run([0], max_epochs=n_epochs)
+    return nets
+
+
+def _hand_mean(x, pairs):
+    """Mean over (network, flip dims) pairs of sigmoid(network(flip(x))) flipped back, written out."""
+    total = torch.zeros(x.shape[0], 3, *x.shape[2:])
+    for net, dims in pairs:
+        out = torch.sigmoid(net(torch.flip(x, dims) if dims else x))
+        total += torch.flip(out, dims) if dims else out
+    return total / len(pairs)
+
+
+def _count_passes(ensemble):
+    """Records the input of every forward call of every member network."""
+    seen = [[] for _ in ensemble.members]
+    for i, member in enumerate(ensemble.members):
+        member.register_forward_hook(lambda module, args, out, i=i: seen[i].append(args[0].clone()))
+    return seen
+
+
+def test_paper_ensemble_runs_snapshot_i_on_flip_i(tmp_path):
+    nets = _train_snapshots(tmp_path / "models", n_epochs=10)  # 10 epochs, the last 8 snapshots kept
+    last8 = nets[2:]
+    x = torch.randn(1, 4, 16, 16, 16)
+    network_def = CascadedUNet(**SMALL, trilinear_decoder=False)
+    ensemble = SnapshotFlipEnsemble(network_def, [str(tmp_path / "models")], "paper", tta=8, n_snapshots=8).load()
+    assert [p.rsplit("=", 1)[1] for p in ensemble.paths] == [f"{e}.pt" for e in range(3, 11)]  # oldest first
+    seen = _count_passes(ensemble)
+    with torch.no_grad():
+        probabilities = FlipTTAInferer(8)(x, ensemble)  # inference.json's inferer hands the ensemble its input
+        expected = _hand_mean(x, list(zip(last8, FLIP_DIMS)))
+        assert torch.allclose(probabilities, expected, atol=1e-5)
+        # exactly 8 forward passes: snapshot i once, on flip i
+        assert [len(calls) for calls in seen] == [1] * 8
+        for i, (calls, dims) in enumerate(zip(seen, FLIP_DIMS)):
+            assert torch.equal(calls[0], torch.flip(x, dims) if dims else x), i
+        # the pairing matters: snapshot i on another flip gives another answer
+        assert not torch.allclose(probabilities, _hand_mean(x, list(zip(last8, FLIP_DIMS[::-1]))), atol=1e-4)
+        # the ensemble as a network: its logits are those of the mean probability
+        assert torch.allclose(torch.sigmoid(ensemble(x)), expected, atol=1e-5)
+
+
+def test_all_and_best_and_fewer_snapshots_than_flips(tmp_path):
+    nets = _train_snapshots(tmp_path / "run", n_epochs=3)
+    best = CascadedUNet(**SMALL, trilinear_decoder=False).eval()
+    torch.save(best.state_dict(), tmp_path / "run" / "model.pt")
+    network_def = CascadedUNet(**SMALL, trilinear_decoder=False)
+    x = torch.randn(1, 4, 16, 16, 16)
+    folder = [str(tmp_path / "run")]
+    with torch.no_grad():
+        paper = SnapshotFlipEnsemble(network_def, folder, "paper", tta=4).load()
+        seen = _count_passes(paper)
+        # 3 snapshots for 4 flips: every flip once, snapshot i mod 3 on flip i (the first snapshot sees 2 flips)
+        expected = _hand_mean(x, [(nets[i % 3], FLIP_DIMS[i]) for i in range(4)])
+        assert torch.allclose(paper.probabilities(x), expected, atol=1e-5)
+        assert [sum(call.shape[0] for call in calls) for calls in seen] == [2, 1, 1]
+        every = SnapshotFlipEnsemble(network_def, folder, "all", tta=2).load()
+        assert every.n_passes == 6 and "model.pt" not in " ".join(every.paths)
+        expected = _hand_mean(x, [(n, d) for n in nets for d in FLIP_DIMS[:2]])
+        assert torch.allclose(every.probabilities(x), expected, atol=1e-5)
+        chosen = SnapshotFlipEnsemble(network_def, folder, "best", tta=4).load()
+        assert chosen.paths == [str(tmp_path / "run" / "model.pt")] and chosen.n_passes == 4
+        assert torch.allclose(chosen.probabilities(x), _hand_mean(x, [(best, d) for d in FLIP_DIMS[:4]]), atol=1e-5)
+    # several trainings or folds: one snapshot set each, each with its own snapshot-flip pairs
+    sets = [["a/snapshot_epoch=1.pt", "a/snapshot_epoch=2.pt"], ["b/model.pt"]]
+    expected = [(sets[0][0], ()), (sets[0][1], (2,)), ("b/model.pt", ()), ("b/model.pt", (2,))]
+    assert plan_passes(sets, "paper", tta=2) == expected
+    assert len(plan_passes([["s"] * 8], "paper", tta=1)) == 8  # more snapshots than flips: every snapshot once
+
+
+def test_inference_config_checks_without_weights_and_says_how_to_get_them(tmp_path):
+    empty = tmp_path / "models"
+    empty.mkdir()
+    for checkpoints in (None, [str(empty)]):  # the bundle's own models/ (no weights committed), an empty folder
+        overrides = {"dataset_dir": str(tmp_path / "cases"), "output_dir": str(tmp_path / "out")}
+        if checkpoints:
+            overrides["checkpoints"] = checkpoints
+        workflow = ConfigWorkflow(config_file=str(CONFIG_DIR / "inference.json"), workflow_type="infer", **overrides)
+        workflow.initialize()
+        assert workflow.check_properties() == []
+        with pytest.raises(Exception) as failure:
+            workflow.run()
+        assert "train first or pass --checkpoints" in str(failure.value.__cause__ or failure.value)
+    assert (CONFIG_DIR.parent / "models" / "README.md").is_file()
+
+
+def test_checkpoint_with_the_old_preactivated_head_says_which_option_loads_it(tmp_path):
+    torch.save(CascadedUNet(**SMALL, preactivated_head=True).state_dict(), tmp_path / "old.pt")
+    with pytest.raises(RuntimeError, match="old.pt.*network_def#preactivated_head` to true"):
+        SnapshotFlipEnsemble(CascadedUNet(**SMALL), [str(tmp_path / "old.pt")]).load()
+    old_head = CascadedUNet(**SMALL, preactivated_head=True)
+    assert SnapshotFlipEnsemble(old_head, [str(tmp_path / "old.pt")], tta=1).load().n_passes == 1
+
+
+def test_evaluate_config_by_default_scores_the_last_snapshots_not_the_best_model(tmp_path):
+    data, output_dir = tmp_path / "data", tmp_path / "run"
+    synthesize(str(data), num_cases=6, shape=(32, 32, 32), seed=3)
+    _train_snapshots(output_dir / "models", n_epochs=2)
+    # model.pt was selected on this fold's cases; by default evaluation must not even read it
+    (output_dir / "models" / "model.pt").write_bytes(b"the best-validation model, selected on the scored fold")
+    settings = {"dataset_dir": str(data), "output_dir": str(output_dir), "tta": 1, "num_folds": 3, "num_workers": 0,
+                "network_def#init_filters": 8, "network_def#blocks_down": [1, 1, 1, 1]}
+    configs = [str(CONFIG_DIR / "train.json"), str(CONFIG_DIR / "evaluate.json")]
+    evaluation = ConfigWorkflow(config_file=configs, workflow_type=None, **settings)
+    evaluation.initialize()
+    evaluation.run()
+    network = evaluation.parser.get_parsed_content("evaluate#network")
+    assert [p.rsplit("/", 1)[1] for p in network.paths] == ["snapshot_epoch=1.pt", "snapshot_epoch=2.pt"]
+    rows = (output_dir / "eval" / "metrics.csv").read_text().splitlines()
+    assert rows[0].startswith("case_id") and len(rows) > 6
+    evaluation.finalize()
+    # `best` stays possible, and its results say the weights were selected on the fold they score
+    best = ConfigWorkflow(config_file=configs, workflow_type=None, ensemble="best", **settings)
+    best.initialize()
+    assert best.parser.get_parsed_content("evaluate#metrics_csv") == str(
+        output_dir / "eval_best" / "metrics_best_model_selected_on_fold0.csv")
+    with pytest.raises(RuntimeError, match="model.pt"):  # it does read model.pt (here not a checkpoint)
+        best.parser.get_parsed_content("evaluate#network").load()
+
+
 def _inference_workflow(dataset_dir, output_dir, checkpoint, **overrides):
     workflow = ConfigWorkflow(
         config_file=str(CONFIG_DIR / "inference.json"),
@@ -86,39 +227,36 @@ def test_inference_config_on_the_real_case(real_case, tmp_path):
     checkpoint = tmp_path / "model.pt"
     torch.manual_seed(0)
     torch.save(CascadedUNet(init_filters=8, blocks_down=(1, 1, 1, 1)).state_dict(), checkpoint)
-    # a good case and two broken ones: a truncated file and a missing sequence
-    data = tmp_path / "cases"
-    shutil.copytree(real_case, data / real_case.name)
-    broken = data / "BraTS-GLI-00002-000"
-    shutil.copytree(real_case, broken)
-    for path in broken.iterdir():
-        path.rename(broken / path.name.replace("00001", "00002"))
-    t1c = broken / "BraTS-GLI-00002-000-t1c.nii.gz"
-    t1c.write_bytes(t1c.read_bytes()[: t1c.stat().st_size // 3])
-    missing = data / "BraTS-GLI-00003-000"
-    missing.mkdir()
-    for name in ("t1n", "t1c", "t2w"):
-        shutil.copy(real_case / f"BraTS-GLI-00001-000-{name}.nii.gz", missing / f"BraTS-GLI-00003-000-{name}.nii.gz")
+    # a good case and two broken ones in the same naming: a truncated T1c and a missing FLAIR
+    data, case_id = tmp_path / "cases", real_case.case_id
+    cases = {case_id: real_case.images, "truncated": real_case.images, "incomplete": real_case.images[:3]}
+    for name, images in cases.items():
+        (data / name).mkdir(parents=True)
+        for image in images:
+            (data / name / image.name.replace(case_id, name, 1)).symlink_to(image)
+    t1c = data / "truncated" / real_case.images[1].name.replace(case_id, "truncated", 1)
+    t1c.unlink()
+    t1c.write_bytes(real_case.images[1].read_bytes()[: real_case.images[1].stat().st_size // 3])
 
     workflow = _inference_workflow(data, tmp_path / "out", checkpoint)
     assert workflow.check_properties() == []
-    with pytest.raises(RuntimeError) as failure:
+    with pytest.raises(SystemExit) as failure:  # a clean non-zero exit, after the good case was written
         workflow.run()
-    message = str(failure.value.__cause__ or failure.value)  # the config parser wraps the run's error
-    assert "BraTS-GLI-00002-000: EOFError" in message  # the truncated .nii.gz
-    assert "BraTS-GLI-00003-000: ValueError: missing flair" in message
-    assert "BraTS-GLI-00001-000" not in message
+    message = str(failure.value)
+    assert ("truncated: EOFError" if t1c.name.endswith(".gz") else "truncated: ") in message  # a cut .nii.gz
+    assert "incomplete: ValueError: missing flair" in message
+    assert case_id not in message
     written = sorted(p.name for p in (tmp_path / "out").iterdir())
-    assert written == ["BraTS-GLI-00001-000.nii.gz"]  # no partial file of a failed case either
+    assert written == [f"{case_id}.nii.gz", "volumes.csv"]  # no partial file of a failed case either
 
-    prediction = nib.load(tmp_path / "out" / "BraTS-GLI-00001-000.nii.gz")
-    source = nib.load(real_case / "BraTS-GLI-00001-000-t1n.nii.gz")
+    prediction = nib.load(tmp_path / "out" / f"{case_id}.nii.gz")
+    source = nib.load(real_case.images[0])
     assert prediction.shape == source.shape
     np.testing.assert_allclose(prediction.affine, source.affine)
-    assert nib.aff2axcodes(prediction.affine) == nib.aff2axcodes(source.affine) == ("L", "P", "S")
+    assert nib.aff2axcodes(prediction.affine) == nib.aff2axcodes(source.affine)
     assert prediction.get_data_dtype() == np.uint8
     labels = np.asarray(prediction.dataobj)
-    assert set(np.unique(labels)) <= {0, 1, 2, 3}  # BraTS 2023 naming: ET written as 3
+    assert set(np.unique(labels)) <= {0, 1, 2, real_case.et_label}  # ET written as the case's naming says
     # the crop to the brain was put back in place: far outside the brain's box (margin 8, padding to a
     # multiple of 8) nothing can be predicted
     rows = np.flatnonzero(np.any(np.asarray(source.dataobj) != 0, axis=(1, 2)))

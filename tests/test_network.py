@@ -10,14 +10,35 @@ def n_params(module: torch.nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 
 
+def table_parameters(in_channels: int, filters: int, blocks_down=(1, 2, 2, 4), upsampling: str = "deconv") -> dict:
+    """Parameters of one stage as Tables 1 and 2 list its layers, counted by hand (3 outputs, GroupNorm's weight and
+    bias per channel; convolutions without bias, since a GroupNorm follows them, except the EndConv)."""
+
+    def res_block(c):  # GN-ReLU-Conv3-GN-ReLU-Conv3 + identity
+        return 2 * 2 * c + 2 * 27 * c * c
+
+    encoder = 27 * in_channels * filters  # InitConv 3x3x3
+    for level, n_blocks in enumerate(blocks_down):
+        c = filters * 2**level
+        encoder += (27 * (c // 2) * c if level else 0) + n_blocks * res_block(c)  # stride-2 Conv3 doubling channels
+    decoder = 0
+    for level in range(len(blocks_down) - 1, 0, -1):
+        c = filters * 2**level
+        up = 8 * (c // 2) ** 2 + c // 2 if upsampling == "deconv" else 0  # ConvTranspose 2x2x2 with bias; trilinear: 0
+        decoder += c * (c // 2) + up + res_block(c // 2)  # Conv1 halving channels, up-sampling, one ResBlock
+    end_conv = filters * 3 + 3  # EndConv: Conv1 to 3 outputs, with bias, no norm before it
+    return {"encoder": encoder, "decoder": decoder + end_conv}
+
+
 def test_parameter_counts_match_the_paper_tables():
     net = CascadedUNet()  # the paper's configuration: 16 filters, blocks 1-2-2-4 / 1-1-1, GN(8)
-    # Exact counts of this build; DESIGN.md's reference (an assembly of MONAI SegResNet parts) is about
-    # 4.75 M, 19.0 M and 1.2 M. Convolutions have no bias (GroupNorm follows), the heads' Conv1 has one.
-    assert n_params(net.stage1) == 4_745_347
-    assert n_params(net.stage2_encoder) + n_params(net.stage2_deconv_decoder) == 18_973_475
-    assert n_params(net.stage2_trilinear_decoder) == 1_205_283
-    assert n_params(net) == 24_924_105
+    stage1 = table_parameters(4, 16)
+    stage2 = table_parameters(7, 32)
+    trilinear = table_parameters(7, 32, upsampling="trilinear")["decoder"]
+    assert n_params(net.stage1) == sum(stage1.values()) == 4_745_315
+    assert n_params(net.stage2_encoder) + n_params(net.stage2_deconv_decoder) == sum(stage2.values()) == 18_973_411
+    assert n_params(net.stage2_trilinear_decoder) == trilinear == 1_205_219
+    assert n_params(net) == 24_923_945
     # Table 1 by hand: InitConv 4->16 (3x3x3, no bias) and the stride-2 convolutions doubling channels
     assert net.stage1.encoder.init_conv.conv.weight.shape == (16, 4, 3, 3, 3)
     assert [len(level) - 1 for level in net.stage1.encoder.levels] == [1, 2, 2, 4]
@@ -27,6 +48,36 @@ def test_parameter_counts_match_the_paper_tables():
     assert isinstance(net.stage2_deconv_decoder.upsamples[0][1].deconv, torch.nn.ConvTranspose3d)
     assert not any(isinstance(m, torch.nn.ConvTranspose3d) for m in net.stage2_trilinear_decoder.modules())
     assert CascadedUNet(trilinear_decoder=False).stage2_trilinear_decoder is None
+
+
+def test_output_heads_are_the_tables_end_conv():
+    net = CascadedUNet(init_filters=8, blocks_down=(1, 1, 1, 1))
+    decoders = {
+        "stage1": net.stage1.decoder, "deconv": net.stage2_deconv_decoder, "trilinear": net.stage2_trilinear_decoder
+    }
+    for name, decoder in decoders.items():
+        layers = list(decoder.head.modules())
+        assert not any(isinstance(m, (torch.nn.GroupNorm, torch.nn.ReLU)) for m in layers), name
+        convs = [m for m in layers if isinstance(m, torch.nn.Conv3d)]
+        assert len(convs) == 1 and convs[0].kernel_size == (1, 1, 1) and convs[0].bias is not None, name
+    # the head is applied to the last residual block's output as it is (no activation in between)
+    x = torch.randn(1, 8, 8, 8, 8)
+    head = net.stage1.decoder.head
+    assert torch.equal(head(x), torch.nn.functional.conv3d(x, head.conv.weight, head.conv.bias))
+
+
+def test_preactivated_head_keeps_older_checkpoints_loadable():
+    old = CascadedUNet(init_filters=8, blocks_down=(1, 1, 1, 1), preactivated_head=True)
+    # each of the 3 heads has a GroupNorm (weight and bias per channel) in front of its Conv1: 2 x 8 in stage 1
+    # (8 filters) + 2 decoders x 2 x 16 in stage 2 (16 filters); the paper's size: 2 x 16 + 2 x 2 x 32 = 160
+    assert n_params(old) - n_params(CascadedUNet(init_filters=8, blocks_down=(1, 1, 1, 1))) == 2 * 8 + 2 * 2 * 16
+    assert n_params(CascadedUNet(preactivated_head=True)) == 24_923_945 + 160 == 24_924_105  # the count before
+    head = old.stage2_deconv_decoder.head
+    assert isinstance(head[0], torch.nn.GroupNorm) and isinstance(head[1], torch.nn.ReLU)
+    reloaded = CascadedUNet(init_filters=8, blocks_down=(1, 1, 1, 1), preactivated_head=True)
+    reloaded.load_state_dict(old.state_dict())  # strict
+    with pytest.raises(RuntimeError, match="head"):
+        CascadedUNet(init_filters=8, blocks_down=(1, 1, 1, 1)).load_state_dict(old.state_dict())
 
 
 @pytest.fixture
