@@ -28,7 +28,7 @@ from typing import Any
 import nibabel as nib
 import numpy as np
 
-from custom.io import atomic_path
+from custom.io import atomic_path, check_case_ids
 
 __all__ = [
     "SEQUENCES",
@@ -44,9 +44,25 @@ __all__ = [
     "implied_et_label",
     "case_id_from_path",
     "require_dataset",
+    "dataset_datalist",
+    "DataError",
 ]
 
 logger = logging.getLogger(__name__)
+
+
+class DataError(SystemExit):
+    """A problem with the user's data: ends the command with exit status 1 and the message as the last thing on the
+    terminal, without a traceback. It is a ``SystemExit`` so that it passes through MONAI's config evaluation, which
+    wraps every ``Exception`` in a ``RuntimeError``; library functions raise ``ValueError`` instead."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+    def __str__(self) -> str:
+        return self.message
+
 
 SEQUENCES = ("t1", "t1c", "t2", "flair")
 """Channel order of the network input: T1, T1c (T1Gd), T2, FLAIR."""
@@ -238,9 +254,11 @@ def discover_cases(
             raise ValueError(
                 f"{len(incomplete)} incomplete case(s) under {root} (every case needs T1, T1c, T2 and FLAIR):\n  "
                 + "\n  ".join(incomplete)
-                + "\ncomplete or remove them, or pass allow_incomplete=True to skip them"
+                + "\ncomplete or remove them (training: --skip_invalid true skips them; "
+                "python -m custom datalist: --allow_incomplete true)"
             )
-        logger.warning("skipping %d incomplete case(s):\n  %s", len(incomplete), "\n  ".join(incomplete))
+        if incomplete_cases is None:  # otherwise the caller reports them (pre-flight, inference summary)
+            logger.warning("skipping %d incomplete case(s):\n  %s", len(incomplete), "\n  ".join(incomplete))
     if not cases:
         raise ValueError(f"no BraTS cases found under {root}; looked for {_LOOKED_FOR}")
     return cases
@@ -289,7 +307,8 @@ def make_datalist(
     Paths are absolute.
     """
     folds = _check_folds(folds)
-    cases = discover_cases(dataset_dir, allow_incomplete=allow_incomplete)
+    incomplete: dict[str, str] = {}
+    cases = discover_cases(dataset_dir, allow_incomplete=allow_incomplete, incomplete_cases=incomplete)
     if et_label is None:
         implied = sorted({c.et_label for c in cases})
         if len(implied) > 1:
@@ -322,6 +341,11 @@ def make_datalist(
         "seed": int(seed),
         "training": training,
         "testing": testing,
+        # cases discovery found incomplete (allow_incomplete): the pre-flight reports them with the others
+        "incomplete": [
+            {"case_id": case_id, "error": problem, "fix": "add the missing sequence files, or remove the case"}
+            for case_id, problem in sorted(incomplete.items())
+        ],
     }
 
 
@@ -337,13 +361,18 @@ def write_datalist(
     et_label: int | None = None,
     allow_incomplete: bool = False,
     relative: bool = False,
+    check: bool = False,
+    num_workers: int = 0,
 ) -> str:
     """Discover ``dataset_dir``, write its datalist to ``output`` atomically and return the path written.
 
     With ``relative=True`` the paths are written relative to the JSON's folder (``load_datalist`` resolves them).
-    Prints a one-line summary.
+    Prints a one-line summary. ``check=True`` then runs training's pre-flight on every case (labelled, unlabelled and
+    incomplete), in ``num_workers`` processes, prints its time and every problem, and exits non-zero on problems.
     """
-    datalist = make_datalist(dataset_dir, folds=folds, seed=seed, et_label=et_label, allow_incomplete=allow_incomplete)
+    datalist = make_datalist(
+        dataset_dir, folds=folds, seed=seed, et_label=et_label, allow_incomplete=allow_incomplete or check
+    )
     out = Path(output).expanduser().resolve()
     out.parent.mkdir(parents=True, exist_ok=True)
     if relative:
@@ -359,7 +388,34 @@ def write_datalist(
         f"wrote {out}: {len(datalist['training'])} labeled cases in {datalist['numFolds']} folds "
         f"({'/'.join(map(str, sizes))}), {len(datalist['testing'])} unlabeled, et_label {datalist['et_label']}"
     )
+    if check:
+        _check_all(datalist, num_workers)
     return str(out)
+
+
+def _check_all(datalist: dict, num_workers: int) -> None:
+    """The pre-flight of every case of ``datalist``, timed; ``DataError`` listing the problems."""
+    import time
+
+    from custom.labels import resolve_label_scheme
+    from custom.validation import format_problems, preflight
+
+    entries = datalist["training"] + datalist["testing"] + datalist.get("incomplete", [])
+    scheme = resolve_label_scheme(datalist)
+    start = time.perf_counter()
+    reports = preflight(entries, int(num_workers or 0), et_label=scheme.et_label, label_scheme=scheme.name)
+    seconds = time.perf_counter() - start
+    problems = [p for r in sorted(reports, key=lambda r: r.case_id) for p in r.problems]
+    n_files = sum(len(e.get("image", [])) + bool(e.get("label")) for e in entries)
+    n_bad = sum(bool(r.errors) for r in reports)
+    print(
+        f"pre-flight: checked {len(entries)} cases ({n_files} files) in {seconds:.1f} s with "
+        f"{max(1, int(num_workers or 0))} process(es): {len(problems)} problem(s) in {n_bad} case(s)"
+    )
+    if any(p.severity == "error" for p in problems):
+        raise DataError(format_problems(problems))
+    if problems:
+        print(format_problems(problems))
 
 
 _SEQUENCE_ALIASES = {
@@ -427,12 +483,24 @@ def implied_et_label(entries: list[dict]) -> int:
 
 
 def require_dataset(source: str) -> str:
-    """``source`` if it exists, else the error that says what ``dataset_dir`` must be."""
+    """``source`` if it exists, else the error (``DataError``: a clean exit) that says what ``dataset_dir`` must be."""
     if not Path(str(source)).expanduser().exists():
-        raise FileNotFoundError(
-            f"dataset_dir {str(source)!r} does not exist; set dataset_dir to a folder of BraTS cases or a datalist JSON"
-        )
+        raise DataError(_missing_dataset(str(source)))
     return str(source)
+
+
+def _missing_dataset(source: str) -> str:
+    return f"dataset_dir {source!r} does not exist; set --dataset_dir to a folder of BraTS cases or a datalist JSON"
+
+
+def dataset_datalist(source: str, folds: int = 5, seed: int = 0) -> dict:
+    """The datalist of a training or evaluation config: ``load_datalist`` that keeps incomplete cases for the
+    pre-flight to report and turns a data problem into a clean ``DataError`` (an empty datalist when ``source``
+    does not exist yet, so that the config can be inspected before a dataset is given)."""
+    try:
+        return load_datalist(source, folds=folds, seed=seed, allow_incomplete=True, missing_ok=True)
+    except (ValueError, FileNotFoundError) as e:
+        raise DataError(str(e)) from None
 
 
 def load_datalist(
@@ -458,7 +526,8 @@ def load_datalist(
     if not path.exists() and missing_ok:
         return {"name": "empty", "et_label": et_label or 4, "channel_order": list(SEQUENCES), "numFolds": folds,
                 "seed": seed, "training": [], "testing": []}
-    require_dataset(str(path))
+    if not path.exists():
+        raise FileNotFoundError(_missing_dataset(str(path)))
     if path.is_dir():
         return make_datalist(str(path), folds=folds, seed=seed, et_label=et_label, allow_incomplete=allow_incomplete)
     if path.suffix.lower() != ".json":
@@ -516,6 +585,7 @@ def load_datalist(
             f"{list(SEQUENCES)} (T1, T1c, T2, FLAIR): re-order the 'image' lists"
         )
     datalist.setdefault("name", path.stem)
+    check_case_ids({"training": training, "testing": testing}, f"datalist {path}")  # ids name the output files
     return datalist
 
 

@@ -1,93 +1,213 @@
-"""Checks of the input files before training or inference, with every problem reported at once.
+"""Checks of the input files before training or inference, with every problem of every case reported at once.
 
-Each datalist entry (``{"case_id", "image": [t1, t1c, t2, flair] | 4-channel file, "label"}``) is checked for:
-files that exist and read as NIfTI (the voxel data is read, so a truncated ``.nii.gz`` is caught), four sequences
-or one file with exactly 4 channels first or last, one spatial shape and one affine for all files (label
-included), no NaN/Inf, a non-empty brain, and label values in ``{0, 1, 2, et_label}``. Volumes are loaded one
-at a time.
+One small function per check; ``inspect_case`` runs them on one datalist entry (``{"case_id", "image": [t1, t1c,
+t2, flair] | 4-channel file, "label"}``), ``preflight`` on many cases (in worker processes when asked) and
+``preflight_datalist`` on a whole dataset before training: all folds, training and validation together,
+incomplete cases included. The checks:
+
+- the entry lists 4 sequence files (or one file with 4 channels first or last), each file once;
+- every file exists and reads as NIfTI, voxel data included, so a truncated ``.nii.gz`` is caught;
+- one spatial shape and one finite affine for all files of the case (label included);
+- no NaN/Inf voxel; no sequence that is zero everywhere or one constant value; a non-empty brain;
+- label values in {0, 1, 2, ``et_label``} (and 4, resection cavity, with ``label_scheme brats2024``).
+
+Each file is read once. Inference runs the same data checks on the volumes it has already loaded
+(``check_loaded_sequences``) after a header-only geometry check (``check_headers``), so nothing is read twice.
 """
 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+import os
+import time
+from collections.abc import Iterable, Sequence
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import nibabel as nib
 import numpy as np
 
-from .data import SEQUENCES
+from .data import SEQUENCES, DataError
+from .labels import allowed_labels
 
-__all__ = ["CaseProblem", "validate_entries", "format_problems", "check_datalist"]
+__all__ = [
+    "CaseProblem",
+    "CaseReport",
+    "inspect_case",
+    "preflight",
+    "validate_entries",
+    "format_problems",
+    "check_datalist",
+    "preflight_datalist",
+    "check_headers",
+    "check_loaded_sequences",
+    "CheckSequencesd",
+]
 
 logger = logging.getLogger(__name__)
 
 _N = len(SEQUENCES)
 _EXPECTED = "4 sequence files (T1, T1c, T2, FLAIR) or one 4-channel file of shape (X, Y, Z, 4) or (4, X, Y, Z)"
 _REGRID = "resample/co-register all sequences and the label onto one grid (same shape and affine)"
+_RC_LABEL = 4  # resection cavity in BraTS 2024+ post-treatment glioma data (with ET = 3)
 
 
-@dataclass
+@dataclass(frozen=True)
 class CaseProblem:
-    """One problem of one file of one case, and what to do about it."""
+    """One problem of one file of one case, and what to do about it. ``severity`` is ``"error"`` (the case cannot
+    be used) or ``"warning"`` (it is used, but the result deserves a look)."""
 
     case_id: str
     file: str
     problem: str
     fix: str
+    severity: str = "error"
 
     def __str__(self) -> str:
-        return f"{self.case_id}: {self.file}: {self.problem} -> {self.fix}"
+        tag = "warning: " if self.severity == "warning" else ""
+        return f"{self.case_id}: {self.file}: {tag}{self.problem} -> {self.fix}"
 
 
 @dataclass
-class _Volume:
-    path: str
-    shape: tuple[int, ...]  # spatial shape
-    affine: np.ndarray
+class CaseReport:
+    """What ``inspect_case`` found: problems, the label values present and whether ET is among them."""
+
+    case_id: str
+    problems: list[CaseProblem] = field(default_factory=list)
+    label_values: set[int] = field(default_factory=set)
+    et_found: bool | None = None  # None: no usable label
+
+    @property
+    def errors(self) -> list[CaseProblem]:
+        return [p for p in self.problems if p.severity == "error"]
 
 
-def _read(path: str, case_id: str, problems: list[CaseProblem]) -> tuple[Any, np.ndarray] | None:
-    """(image, data) of ``path``, or None after recording why it cannot be used."""
-    p = Path(path)
-    if not p.exists():
-        problems.append(CaseProblem(case_id, path, "file not found", "check the path in the datalist / dataset_dir"))
-        return None
-    if not p.is_file():
-        problems.append(CaseProblem(case_id, path, "not a file", "give the path of a .nii.gz file"))
-        return None
-    try:
-        image = nib.load(str(p))
-        data = np.asanyarray(image.dataobj)
-    except Exception as e:  # noqa: BLE001 - truncated gzip (EOFError), bad header (ImageFileError), zlib errors, ...
-        problems.append(
-            CaseProblem(
-                case_id,
-                path,
-                f"not a readable NIfTI ({type(e).__name__}: {e})",
-                "re-download or re-export the file (a truncated .nii.gz is the usual cause)",
-            )
-        )
-        return None
-    return image, data
+# ---------------------------------------------------------------------------------------------------------------
+# single checks: each returns the problems it found
 
 
-def _check_finite(data: np.ndarray, case_id: str, path: str, problems: list[CaseProblem]) -> None:
-    if np.issubdtype(data.dtype, np.floating):
-        bad = int(data.size - np.count_nonzero(np.isfinite(data)))
-        if bad:
+def check_layout(case_id: str, images: Any) -> list[CaseProblem]:
+    """The entry names 4 sequence files or one 4-channel file, each file once."""
+    if not images or not isinstance(images, (list, tuple)):
+        return [CaseProblem(case_id, "-", f"entry has no 'image' list ({images!r})", f"give {_EXPECTED}")]
+    if len(images) not in (1, _N):
+        return [CaseProblem(case_id, ", ".join(images), f"{len(images)} image files", f"give {_EXPECTED} in this order")]
+    problems = []
+    for i, path in enumerate(images):
+        if path in images[:i]:
+            first = SEQUENCES[images.index(path)]
             problems.append(
                 CaseProblem(
-                    case_id, path, f"{bad} NaN/Inf voxel(s)", "replace NaN/Inf (e.g. by 0) or re-export the file"
+                    case_id,
+                    path,
+                    f"the same file is given for {first} and {SEQUENCES[i]}",
+                    "give each sequence its own file, in the order T1, T1c, T2, FLAIR",
                 )
             )
+    return problems
+
+
+def read_nifti(case_id: str, path: str, header_only: bool = False) -> tuple[nib.Nifti1Image, np.ndarray | None, list]:
+    """``(image, voxel data or None, problems)``; the voxel data is read (unless ``header_only``) so that a
+    truncated gzip stream is caught here rather than in a data loader worker."""
+    p = Path(path)
+    if not p.exists():
+        return None, None, [CaseProblem(case_id, path, "file not found", "check the path in the datalist / dataset_dir")]
+    if not p.is_file():
+        return None, None, [CaseProblem(case_id, path, "not a file", "give the path of a .nii.gz file")]
+    try:
+        image = nib.load(str(p))
+        data = None if header_only else np.asanyarray(image.dataobj)
+    except Exception as e:  # noqa: BLE001 - truncated gzip (EOFError), bad header (ImageFileError), zlib errors, ...
+        problem = f"not a readable NIfTI ({type(e).__name__}: {e})"
+        fix = "re-download or re-export the file (a truncated .nii.gz is the usual cause)"
+        return None, None, [CaseProblem(case_id, path, problem, fix)]
+    return image, data, []
+
+
+def check_affine(case_id: str, path: str, affine: np.ndarray) -> list[CaseProblem]:
+    """A header affine with NaN or Inf places the volume nowhere: geometry round trips would be garbage."""
+    if np.all(np.isfinite(affine)):
+        return []
+    return [CaseProblem(case_id, path, "the header's affine holds NaN/Inf", "fix the qform/sform of the file (re-export it)")]
+
+
+def check_same_grid(
+    case_id: str, volumes: Sequence[tuple[str, tuple[int, ...], np.ndarray]], affine_tolerance: float = 1e-3
+) -> list[CaseProblem]:
+    """Every ``(path, spatial shape, affine)`` equals the first one's shape and (within tolerance) affine."""
+    problems = []
+    if not volumes:
+        return problems
+    ref_path, ref_shape, ref_affine = volumes[0]
+    for path, shape, affine in volumes[1:]:
+        if shape != ref_shape:
+            problems.append(CaseProblem(case_id, path, f"shape {shape} differs from {ref_shape} of {ref_path}", _REGRID))
+            continue
+        if not (np.all(np.isfinite(affine)) and np.all(np.isfinite(ref_affine))):
+            continue  # reported by check_affine
+        diff = float(np.max(np.abs(affine - ref_affine)))
+        if diff > affine_tolerance:
+            problem = f"affine differs from that of {ref_path} by up to {diff:.4g} (tolerance {affine_tolerance:g})"
+            problems.append(CaseProblem(case_id, path, problem, _REGRID))
+    return problems
+
+
+def check_finite(case_id: str, path: str, data: np.ndarray, name: str | None = None) -> list[CaseProblem]:
+    """NaN/Inf voxels: one of them turns the z-score of its whole channel into NaN."""
+    if not np.issubdtype(data.dtype, np.floating):
+        return []
+    n_nan = int(np.count_nonzero(np.isnan(data)))
+    n_inf = int(data.size - n_nan - np.count_nonzero(np.isfinite(data)))
+    if not (n_nan or n_inf):
+        return []
+    what = ", ".join(f"{n} {kind} voxel(s)" for n, kind in ((n_nan, "NaN"), (n_inf, "Inf")) if n)
+    return [CaseProblem(case_id, path, f"{name + ': ' if name else ''}{what}", "replace NaN/Inf (e.g. by 0) or re-export the file")]
+
+
+def check_sequence_content(
+    case_id: str, path: str, name: str, data: np.ndarray, blank_severity: str = "error"
+) -> list[CaseProblem]:
+    """A sequence that is zero everywhere (a missing sequence filled with zeros) or one constant value carries no
+    image: the network sees a channel it was never trained on."""
+    finite = data[np.isfinite(data)] if np.issubdtype(data.dtype, np.floating) else data
+    if finite.size == 0:
+        return []  # all NaN: reported by check_finite
+    low, high = float(finite.min()), float(finite.max())
+    if low == high == 0:
+        fix = "the sequence is missing or blank: re-export it, or drop the case"
+        return [CaseProblem(case_id, path, f"{name} is zero everywhere", fix, blank_severity)]
+    if low == high:
+        return [CaseProblem(case_id, path, f"{name} has the constant value {low:g} everywhere", "re-export the sequence")]
+    return []
+
+
+def check_label_values(
+    case_id: str, path: str, data: np.ndarray, et_label: int, label_scheme: str | None = None
+) -> tuple[list[CaseProblem], set[int]]:
+    """Label values outside {0, 1, 2, et_label} (plus RC 4 for ``brats2024``), with the likely fix; and the values."""
+    found = _label_values(data)
+    values = {int(v) for v in found if float(v).is_integer()}
+    allowed = set(allowed_labels(label_scheme, et_label=int(et_label))) if label_scheme else {0, 1, 2, int(et_label)}
+    foreign = [v for v in found if not (float(v).is_integer() and int(v) in allowed)]
+    if not foreign:
+        return [], values
+    fix = f"labels must be 0 background, 1 necrosis/non-enhancing core, 2 edema, {et_label} enhancing"
+    if et_label == 3 and _RC_LABEL in values:
+        fix += "; value 4 is the resection cavity of BraTS 2024+ post-treatment data: set label_scheme brats2024"
+    elif et_label == 4 and 3 in values:
+        fix += "; value 3 suggests BraTS 2023+ labels: set et_label=3 (label_scheme brats2023)"
+    if et_label == 3 and _RC_LABEL in values and 3 not in values:
+        fix += ", or et_label=4 if these are BraTS 2018-2021 labels"
+    problem = f"label values {_format_values(foreign)} not in {_format_values(sorted(allowed))}"
+    return [CaseProblem(case_id, path, problem, fix)], values
 
 
 def _label_values(data: np.ndarray) -> np.ndarray:
     if np.issubdtype(data.dtype, np.integer) and data.size and data.min() >= 0 and data.max() < 65536:
-        counts = np.bincount(data.ravel().astype(np.int64, copy=False))
-        return np.flatnonzero(counts)
+        return np.flatnonzero(np.bincount(data.ravel().astype(np.int64, copy=False)))
     finite = data[np.isfinite(data)] if np.issubdtype(data.dtype, np.floating) else data
     return np.unique(finite)
 
@@ -96,172 +216,141 @@ def _format_values(values) -> str:
     return "[" + ", ".join(str(int(v)) if float(v).is_integer() else str(v) for v in values) + "]"
 
 
-def _validate_entry(
-    entry: dict, et_label: int, check_labels: bool, affine_tolerance: float
-) -> tuple[list[CaseProblem], bool | None, set[int]]:
-    """Problems of one entry, whether its label holds ``et_label`` (None: no usable label), and its label values."""
-    problems: list[CaseProblem] = []
+def _split_channels(case_id: str, path: str, data: np.ndarray) -> tuple[list[np.ndarray] | None, list[CaseProblem]]:
+    """The 4 channels of a 4-channel file (channels last or first)."""
+    if data.ndim == 4 and data.shape[-1] == _N:
+        return [data[..., c] for c in range(_N)], []
+    if data.ndim == 4 and data.shape[0] == _N:
+        return [data[c] for c in range(_N)], []
+    return None, [CaseProblem(case_id, path, f"one file of shape {data.shape}", f"give {_EXPECTED}")]
+
+
+def _as_volume(case_id: str, path: str, data: np.ndarray, what: str) -> tuple[np.ndarray | None, list[CaseProblem]]:
+    if data.ndim == 4 and data.shape[-1] == 1:
+        data = data[..., 0]
+    if data.ndim != 3:
+        fix = f"give {_EXPECTED}" if what in SEQUENCES else "give one 3-D label volume (X, Y, Z)"
+        return None, [CaseProblem(case_id, path, f"{what} has shape {data.shape}, expected one 3-D volume (X, Y, Z)", fix)]
+    return data, []
+
+
+def check_brain(
+    case_id: str, path: str, content_problems: list[CaseProblem], n_sequences: int, all_read: bool
+) -> list[CaseProblem]:
+    """All sequences blank means an empty brain, reported once instead of once per sequence."""
+    blank = [p for p in content_problems if p.problem.endswith("zero everywhere")]
+    if all_read and n_sequences == _N and len(blank) == _N:
+        return [CaseProblem(case_id, path, "no non-zero voxel in any sequence (empty brain)", "re-export the case")]
+    return list(content_problems)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# one case, many cases
+
+
+def _case_id(entry: Any) -> str:
+    if not isinstance(entry, dict):
+        return "?"
+    images = entry.get("image")
+    first = images if isinstance(images, (str, Path)) else (images[0] if images else None)
+    return str(entry.get("case_id") or (Path(str(first)).name if first else "?"))
+
+
+def inspect_case(
+    entry: dict,
+    et_label: int = 4,
+    check_labels: bool = True,
+    affine_tolerance: float = 1e-3,
+    label_scheme: str | None = None,
+    blank_severity: str = "error",
+) -> CaseReport:
+    """Runs every check on one datalist entry, reading each file once; never raises for bad data."""
+    case_id = _case_id(entry)
+    report = CaseReport(case_id)
+    if isinstance(entry, dict) and entry.get("error"):  # found incomplete by dataset discovery
+        report.problems.append(CaseProblem(case_id, entry.get("folder", "-"), entry["error"], entry.get("fix", "complete or remove the case")))
+        return report
     images = entry.get("image") if isinstance(entry, dict) else None
-    if isinstance(images, (str, Path)):
-        images = [images]
-    case_id = "?"
-    if isinstance(entry, dict):
-        case_id = str(entry.get("case_id") or (Path(str(images[0])).name if images else "?"))
-    if not images or not isinstance(images, (list, tuple)):
-        problems.append(CaseProblem(case_id, "-", f"entry has no 'image' list ({entry!r})", f"give {_EXPECTED}"))
-        return problems, None, set()
+    images = [images] if isinstance(images, (str, Path)) else images
+    layout = check_layout(case_id, [str(p) for p in images] if isinstance(images, (list, tuple)) else images)
+    report.problems += layout
+    if layout and (not isinstance(images, (list, tuple)) or len(images) not in (1, _N)):
+        return report
     images = [str(p) for p in images]
-    if len(images) not in (1, _N):
-        problems.append(
-            CaseProblem(case_id, ", ".join(images), f"{len(images)} image files", f"give {_EXPECTED} in this order")
-        )
-        return problems, None, set()
-    if len(images) == _N:
-        for i, path in enumerate(images):
-            if path in images[:i]:
-                problems.append(
-                    CaseProblem(
-                        case_id,
-                        path,
-                        f"the same file is given for {SEQUENCES[images.index(path)]} and {SEQUENCES[i]}",
-                        "give each sequence its own file, in the order T1, T1c, T2, FLAIR",
-                    )
-                )
 
-    reference: _Volume | None = None
-    any_brain = False
-    blank: list[CaseProblem] = []  # sequences that are zero everywhere (reported unless the whole case is)
-    all_read = True
-
-    def compare(vol: _Volume) -> None:
-        nonlocal reference
-        if reference is None:
-            reference = vol
-            return
-        if vol.shape != reference.shape:
-            problems.append(
-                CaseProblem(
-                    case_id, vol.path, f"shape {vol.shape} differs from {reference.shape} of {reference.path}", _REGRID
-                )
-            )
-            return
-        diff = float(np.max(np.abs(vol.affine - reference.affine)))
-        if diff > affine_tolerance:
-            problems.append(
-                CaseProblem(
-                    case_id,
-                    vol.path,
-                    f"affine differs from that of {reference.path} by up to {diff:.4g} "
-                    f"(tolerance {affine_tolerance:g})",
-                    _REGRID,
-                )
-            )
-
+    grid: list[tuple[str, tuple[int, ...], np.ndarray]] = []
+    content: list[CaseProblem] = []
+    n_sequences, all_read = 0, True
     for i, path in enumerate(images):
-        read = _read(path, case_id, problems)
-        if read is None:
+        image, data, problems = read_nifti(case_id, path)
+        report.problems += problems
+        if image is None:
             all_read = False
             continue
-        image, data = read
         if len(images) == 1:
-            shape = data.shape
-            if data.ndim == 4 and shape[-1] == _N:
-                channels = [data[..., c] for c in range(_N)]
-            elif data.ndim == 4 and shape[0] == _N:
-                channels = [data[c] for c in range(_N)]
-            else:
-                problems.append(CaseProblem(case_id, path, f"one file of shape {shape}", f"give {_EXPECTED}"))
-                continue
+            channels, problems = _split_channels(case_id, path, data)
             names = list(SEQUENCES)
         else:
-            if data.ndim == 4 and data.shape[-1] == 1:
-                data = data[..., 0]
-            if data.ndim != 3:
-                problems.append(
-                    CaseProblem(
-                        case_id,
-                        path,
-                        f"{SEQUENCES[i]} has shape {data.shape}, expected one 3-D volume (X, Y, Z)",
-                        f"give {_EXPECTED}",
-                    )
-                )
-                continue
-            channels, names = [data], [SEQUENCES[i]]
-        compare(_Volume(path, tuple(int(s) for s in channels[0].shape), np.asarray(image.affine, dtype=np.float64)))
-        _check_finite(data, case_id, path, problems)
+            volume, problems = _as_volume(case_id, path, data, SEQUENCES[i])
+            channels, names = (None, []) if volume is None else ([volume], [SEQUENCES[i]])
+        report.problems += problems
+        if channels is None:
+            continue
+        affine = np.asarray(image.affine, dtype=np.float64)
+        report.problems += check_affine(case_id, path, affine)
+        grid.append((path, tuple(int(s) for s in channels[0].shape), affine))
+        report.problems += check_finite(case_id, path, data)
         for name, channel in zip(names, channels):
-            if np.any(channel):
-                any_brain = True
-            else:
-                blank.append(
-                    CaseProblem(
-                        case_id,
-                        path,
-                        f"{name} is zero everywhere",
-                        "the sequence is missing or blank: re-export it, or drop the case",
-                    )
-                )
+            content += check_sequence_content(case_id, path, name, channel, blank_severity)
+            n_sequences += 1
         del data, channels
+    report.problems += check_brain(case_id, images[0], content, n_sequences, all_read)
 
-    if blank and not any_brain and all_read:
-        problems.append(
-            CaseProblem(case_id, images[0], "no non-zero voxel in any sequence (empty brain)", "re-export the case")
-        )
-    else:
-        problems.extend(blank)
-
-    et_found: bool | None = None
-    values: set[int] = set()
     label = entry.get("label")
     if check_labels and label is not None:
-        read = _read(str(label), case_id, problems)
-        if read is not None:
-            image, data = read
-            if data.ndim == 4 and data.shape[-1] == 1:
-                data = data[..., 0]
-            if data.ndim != 3:
-                problems.append(
-                    CaseProblem(
-                        case_id, str(label), f"label has shape {data.shape}", "give one 3-D label volume (X, Y, Z)"
-                    )
-                )
-            else:
-                compare(_Volume(str(label), tuple(int(s) for s in data.shape), np.asarray(image.affine, np.float64)))
-                _check_finite(data, case_id, str(label), problems)
-                found = _label_values(data)
-                values = {int(v) for v in found if float(v).is_integer()}
-                allowed = {0, 1, 2, et_label}
-                foreign = [v for v in found if not (float(v).is_integer() and int(v) in allowed)]
-                if foreign:
-                    fix = f"labels must be 0 background, 1 necrosis/non-enhancing core, 2 edema, {et_label} enhancing"
-                    other = 3 if et_label == 4 else 4
-                    if other in values:
-                        era = "BraTS 2023+" if other == 3 else "BraTS 2018-2021"
-                        fix += f"; value {other} suggests {era} labels: set et_label={other}"
-                    problems.append(
-                        CaseProblem(
-                            case_id,
-                            str(label),
-                            f"label values {_format_values(foreign)} not in {_format_values(sorted(allowed))}",
-                            fix,
-                        )
-                    )
-                et_found = et_label in values
-            del data
-    return problems, et_found, values
+        image, data, problems = read_nifti(case_id, str(label))
+        report.problems += problems
+        volume = None
+        if image is not None:
+            volume, problems = _as_volume(case_id, str(label), data, "label")
+            report.problems += problems
+        if volume is not None:
+            affine = np.asarray(image.affine, np.float64)
+            report.problems += check_affine(case_id, str(label), affine)
+            grid.append((str(label), tuple(int(s) for s in volume.shape), affine))
+            report.problems += check_finite(case_id, str(label), volume)
+            problems, report.label_values = check_label_values(case_id, str(label), volume, et_label, label_scheme)
+            report.problems += problems
+            report.et_found = int(et_label) in report.label_values
+    report.problems += check_same_grid(case_id, grid, affine_tolerance)
+    return report
+
+
+def _inspect_star(args: tuple) -> CaseReport:
+    entry, kwargs = args
+    return inspect_case(entry, **kwargs)
+
+
+def preflight(entries: Sequence[dict], num_workers: int = 0, **kwargs) -> list[CaseReport]:
+    """``inspect_case`` of every entry, in entry order; ``num_workers > 1`` spreads the cases over that many
+    processes (reading and decompressing NIfTI files is CPU bound). Keyword arguments go to ``inspect_case``."""
+    entries = list(entries)
+    workers = min(int(num_workers or 0), len(entries))
+    if workers <= 1:
+        return [inspect_case(entry, **kwargs) for entry in entries]
+    with ProcessPoolExecutor(max_workers=workers) as pool:
+        return list(pool.map(_inspect_star, [(entry, kwargs) for entry in entries], chunksize=1))
 
 
 def validate_entries(
-    entries: list[dict], et_label: int, check_labels: bool = True, affine_tolerance: float = 1e-3
+    entries: list[dict], et_label: int, check_labels: bool = True, affine_tolerance: float = 1e-3, **kwargs
 ) -> list[CaseProblem]:
     """Every problem of every entry (an empty list when all are usable)."""
-    problems: list[CaseProblem] = []
-    for entry in entries:
-        problems.extend(_validate_entry(entry, int(et_label), check_labels, affine_tolerance)[0])
-    return problems
+    reports = preflight(entries, et_label=int(et_label), check_labels=check_labels, affine_tolerance=affine_tolerance, **kwargs)
+    return [p for report in reports for p in report.problems]
 
 
-def format_problems(problems: list[CaseProblem]) -> str:
+def format_problems(problems: Iterable[CaseProblem]) -> str:
     """One line per problem: ``<case_id>: <file>: <problem> -> <fix>``."""
     return "\n".join(str(p) for p in problems)
 
@@ -277,6 +366,31 @@ def _et_message(et_label: int, n_labeled: int, other_count: int) -> str:
     return msg
 
 
+@dataclass
+class _Verdict:
+    good: list[dict]
+    problems: list[CaseProblem]
+    n_bad: int
+    et_trap: str | None
+
+
+def _judge(entries: list[dict], reports: list[CaseReport], et_label: int, check_labels: bool, require_et: bool) -> _Verdict:
+    good, problems, n_bad = [], [], 0
+    labeled = [r for r in reports if r.et_found is not None]
+    for entry, report in zip(entries, reports):
+        if report.errors:
+            n_bad += 1
+        else:
+            good.append(entry)
+    for report in sorted(reports, key=lambda r: r.case_id):  # one block of lines per case, in case order
+        problems += report.problems
+    et_trap = None
+    if check_labels and require_et and labeled and not any(r.et_found for r in labeled):
+        other = 3 if et_label == 4 else 4
+        et_trap = _et_message(et_label, len(labeled), sum(other in r.label_values for r in labeled))
+    return _Verdict(good, problems, n_bad, et_trap)
+
+
 def check_datalist(
     entries: list[dict],
     et_label: int,
@@ -284,44 +398,150 @@ def check_datalist(
     check_labels: bool = True,
     require_et: bool = True,
     affine_tolerance: float = 1e-3,
+    num_workers: int = 0,
+    label_scheme: str | None = None,
 ) -> list[dict]:
-    """Validate ``entries`` and return the usable ones.
+    """Validate ``entries`` and return the usable ones (library form: raises ``ValueError``).
 
     With problems, ``skip_invalid=False`` raises a ``ValueError`` listing all of them; ``skip_invalid=True`` logs
     them as a warning and returns only the good entries. With ``check_labels`` and ``require_et``, a set of labeled
     entries none of which contains ``et_label`` raises (the 4-vs-3 label trap), whatever ``skip_invalid`` says.
     """
-    et_label = int(et_label)
-    good: list[dict] = []
-    problems: list[CaseProblem] = []
-    n_labeled = n_et = n_other = 0
-    other = 3 if et_label == 4 else 4
-    for entry in entries:
-        entry_problems, et_found, values = _validate_entry(entry, et_label, check_labels, affine_tolerance)
-        if et_found is not None:
-            n_labeled += 1
-            n_et += bool(et_found)
-            n_other += other in values
-        if entry_problems:
-            problems.extend(entry_problems)
-        else:
-            good.append(entry)
-    et_trap = check_labels and require_et and n_labeled > 0 and n_et == 0
-    if problems and not skip_invalid:
-        n_bad = len({p.case_id for p in problems})
-        msg = f"{len(problems)} problem(s) in {n_bad} of {len(entries)} case(s):\n{format_problems(problems)}\n"
-        if et_trap:
-            msg += _et_message(et_label, n_labeled, n_other) + "\n"
+    entries = list(entries)
+    reports = preflight(entries, num_workers, et_label=int(et_label), check_labels=check_labels,
+                        affine_tolerance=affine_tolerance, label_scheme=label_scheme)
+    verdict = _judge(entries, reports, int(et_label), check_labels, require_et)
+    errors = [p for p in verdict.problems if p.severity == "error"]
+    if errors and not skip_invalid:
+        msg = f"{len(errors)} problem(s) in {verdict.n_bad} of {len(entries)} case(s):\n{format_problems(errors)}\n"
+        if verdict.et_trap:
+            msg += verdict.et_trap + "\n"
         raise ValueError(msg + "fix the files, or set skip_invalid=true to skip these cases")
-    if et_trap:
-        raise ValueError(_et_message(et_label, n_labeled, n_other))
-    if problems:
+    if verdict.et_trap:
+        raise ValueError(verdict.et_trap)
+    if verdict.problems:
+        logger.warning("skipping %d of %d case(s) with problems:\n%s", len(entries) - len(verdict.good), len(entries),
+                       format_problems(verdict.problems))
+        if not verdict.good:
+            raise ValueError(f"no usable case left after skipping invalid ones:\n{format_problems(verdict.problems)}")
+    return verdict.good
+
+
+def preflight_datalist(
+    datalist: dict,
+    et_label: int,
+    skip_invalid: bool = False,
+    num_workers: int = 0,
+    fold: int | None = None,
+    affine_tolerance: float = 1e-3,
+    label_scheme: str | None = None,
+) -> dict:
+    """The pre-flight of training: every case of ``datalist`` (all folds, and the incomplete cases dataset discovery
+    found) is checked once, before any caching or epoch, and every problem is reported in one list.
+
+    Returns the datalist with only the usable training cases. Problems end the command cleanly (``DataError``: exit
+    status 1, the list as the last thing printed, no traceback) unless ``skip_invalid``, which skips exactly the
+    listed cases and logs how many are left per fold. The ET trap (no labeled case holds ``et_label``) always ends it.
+    """
+    training = list(datalist.get("training", []))
+    incomplete = list(datalist.get("incomplete", []))
+    if not training and not incomplete:
+        return datalist  # no dataset yet: the config is being inspected; the run says what is missing
+    start = time.perf_counter()
+    entries = training + incomplete
+    workers = max(1, min(int(num_workers or 0), os.cpu_count() or 1))
+    reports = preflight(entries, workers, et_label=int(et_label), check_labels=True,
+                        affine_tolerance=affine_tolerance, label_scheme=label_scheme)
+    verdict = _judge(entries, reports, int(et_label), True, True)
+    n_files = sum(len(e.get("image", [])) + bool(e.get("label")) for e in entries)
+    errors = [p for p in verdict.problems if p.severity == "error"]
+    logger.info(
+        f"pre-flight: checked {len(entries)} case(s) ({n_files} files) in {time.perf_counter() - start:.1f} s with "
+        f"{workers} process(es): {len(errors)} problem(s) in {verdict.n_bad} case(s)"
+    )
+    if errors and not skip_invalid:
+        message = f"{len(errors)} problem(s) in {verdict.n_bad} of {len(entries)} case(s) (case: file: problem -> what to do):\n"
+        message += format_problems(errors) + "\n"
+        if verdict.et_trap:
+            message += verdict.et_trap + " (--et_label 3 or 4)\n"
+        raise DataError(message + "fix these files, or pass --skip_invalid true to train without these cases")
+    if verdict.et_trap:
+        raise DataError(verdict.et_trap + " (--et_label 3 or 4)")
+    training_ids = {id(e) for e in training}
+    good = [e for e in verdict.good if id(e) in training_ids]
+    if not good:
+        raise DataError(f"no usable case left after skipping invalid ones:\n{format_problems(errors)}")
+    result = {**datalist, "training": good, "incomplete": []}
+    if verdict.problems:
+        folds = int(datalist.get("numFolds", 1 + max((int(e["fold"]) for e in good), default=0)))
+        left = ", ".join(f"fold {k}: {sum(int(e['fold']) == k for e in good)}" for k in range(folds))
         logger.warning(
-            "skipping %d of %d case(s) with problems:\n%s",
-            len(entries) - len(good),
-            len(entries),
-            format_problems(problems),
+            f"skip_invalid: skipping {verdict.n_bad} of {len(entries)} case(s):\n{format_problems(verdict.problems)}\n"
+            f"cases left per fold: {left}" + (f" (validation fold {fold})" if fold is not None else "")
         )
-        if not good:
-            raise ValueError(f"no usable case left after skipping invalid ones:\n{format_problems(problems)}")
-    return good
+    return result
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# inference: the same checks on what the pipeline already loaded
+
+
+def check_headers(case_id: str, images: Sequence[str], affine_tolerance: float = 1e-3) -> list[CaseProblem]:
+    """Shapes and affines of a case's sequence files from their headers alone (no voxel data is read)."""
+    images = [str(p) for p in ([images] if isinstance(images, (str, Path)) else images)]
+    problems = check_layout(case_id, images)
+    if problems:
+        return problems
+    grid = []
+    for i, path in enumerate(images):
+        image, _, read_problems = read_nifti(case_id, path, header_only=True)
+        problems += read_problems
+        if image is None:
+            continue
+        shape = tuple(int(s) for s in image.shape)
+        if len(images) == _N:
+            shape = shape[:3] if len(shape) == 3 or (len(shape) == 4 and shape[-1] == 1) else shape
+            if len(shape) != 3:
+                problems.append(CaseProblem(case_id, path, f"{SEQUENCES[i]} has shape {shape}, expected one 3-D volume (X, Y, Z)", f"give {_EXPECTED}"))
+                continue
+        affine = np.asarray(image.affine, dtype=np.float64)
+        problems += check_affine(case_id, path, affine)
+        grid.append((path, shape, affine))
+    return problems + check_same_grid(case_id, grid, affine_tolerance)
+
+
+def check_loaded_sequences(case_id: str, image: Any, source: str = "-", strict: bool = False) -> list[CaseProblem]:
+    """The data checks of the pre-flight on a loaded ``(4, X, Y, Z)`` image (before normalisation): NaN/Inf, blank or
+    constant sequences, empty brain. A blank sequence is a warning (the case is still segmented) unless ``strict``."""
+    array = image.detach().cpu().numpy() if hasattr(image, "detach") else np.asarray(image)
+    problems: list[CaseProblem] = []
+    content: list[CaseProblem] = []
+    for name, channel in zip(SEQUENCES, array):
+        problems += check_finite(case_id, source, channel, name)
+        content += check_sequence_content(case_id, source, name, channel, "error" if strict else "warning")
+    return problems + check_brain(case_id, source, content, len(array), True)
+
+
+class CheckSequencesd:
+    """Inference's per-case input check, as a dictionary transform placed right after loading: runs
+    ``check_loaded_sequences`` on ``image`` (4, X, Y, Z) before normalisation, raises ``ValueError`` naming the case
+    and every error (NaN/Inf, constant sequence, empty brain; a blank sequence with ``strict``), and stores the
+    warnings in ``input_warnings`` (one per line) and the brain's voxel count (non-zero in any sequence) in ``brain_voxels``."""
+
+    def __init__(self, keys: str = "image", strict: bool = False) -> None:
+        self.key, self.strict = keys if isinstance(keys, str) else keys[0], bool(strict)
+
+    def __call__(self, data: dict) -> dict:
+        d = dict(data)
+        image = d[self.key]
+        meta = getattr(image, "meta", {}) or {}
+        source = meta.get("filename_or_obj", "-")
+        case_id = str(d.get("case_id") or Path(str(source)).name)
+        problems = check_loaded_sequences(case_id, image, str(source), self.strict)
+        errors = [p for p in problems if p.severity == "error"]
+        if errors:
+            raise ValueError("; ".join(f"{p.problem} -> {p.fix}" for p in errors))
+        d["input_warnings"] = "\n".join(f"{p.problem} (input)" for p in problems)  # a string: collates in a DataLoader
+        array = image.detach() if hasattr(image, "detach") else np.asarray(image)
+        d["brain_voxels"] = int((array != 0).any(0).sum())
+        return d

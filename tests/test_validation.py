@@ -12,18 +12,7 @@ import pytest
 from custom.data import SEQUENCES
 from custom.validation import CaseProblem, check_datalist, format_problems, validate_entries
 
-REAL = Path(__file__).resolve().parents[2] / "shared" / "data"
-REAL_CASE = REAL / "BraTS-GLI-00001-000"
-REAL_IMAGES = [str(REAL_CASE / f"BraTS-GLI-00001-000-{x}.nii.gz") for x in ("t1n", "t1c", "t2w", "t2f")]
-REAL_SEG = str(REAL_CASE / "BraTS-GLI-00001-000-seg.nii.gz")
-REAL_SEG_LEGACY = str(REAL / "algorithm_segmentations" / "BraTS-GLI-00001-000_isen20.nii.gz")
-
 SHAPE = (12, 12, 10)
-
-
-def need_real() -> None:
-    if not all(Path(p).exists() for p in [*REAL_IMAGES, REAL_SEG, REAL_SEG_LEGACY]):
-        pytest.skip(f"real BraTS case not available at {REAL} (see shared/data/README.md)")
 
 
 def save(path: Path, data: np.ndarray, affine: np.ndarray | None = None) -> str:
@@ -133,7 +122,7 @@ def test_nan_and_inf(tmp_path):
     data[6, 6, 6] = np.inf
     save(Path(entry["image"][0]), data)
     p = only(validate_entries([entry], 4), entry["image"][0])
-    assert "2 NaN/Inf" in p.problem
+    assert "1 NaN voxel(s), 1 Inf voxel(s)" in p.problem
 
 
 def test_empty_brain_and_blank_sequence(tmp_path):
@@ -219,20 +208,24 @@ def test_et_label_never_present(tmp_path):
     assert check_datalist(unlabeled, et_label=4) == unlabeled  # inference: no label, no ET check
 
 
-def test_real_case_2023_labels(tmp_path):
-    need_real()
-    entry = {"case_id": "BraTS-GLI-00001-000", "image": REAL_IMAGES, "label": REAL_SEG}
-    assert validate_entries([entry], et_label=3) == []
-    problems = validate_entries([entry], et_label=4)  # the 4-vs-3 trap on real data
-    p = only(problems, REAL_SEG)
-    assert "[3]" in p.problem and "et_label=3" in p.fix
-    with pytest.raises(ValueError, match="ET label 4 never occurs.*label value 3 occurs in 1 case"):
-        check_datalist([entry], et_label=4)
-    legacy = {"case_id": "isen20", "image": REAL_IMAGES, "label": REAL_SEG_LEGACY}
-    assert check_datalist([legacy], et_label=4) == [legacy]
+def test_real_case_labels_in_either_convention(labelled_case, other_convention_seg, tmp_path):
+    images, seg, et = [str(p) for p in labelled_case.images], str(labelled_case.label), labelled_case.et_label
+    other = other_convention_seg.et_label
+    entry = {"case_id": labelled_case.case_id, "image": images, "label": seg}
+    assert validate_entries([entry], et_label=et) == []
     # a real sequence truncated on the way: caught and named
     cut = tmp_path / "t1c.nii.gz"
-    cut.write_bytes(Path(REAL_IMAGES[1]).read_bytes()[:500_000])
-    broken = {"case_id": "cut", "image": [REAL_IMAGES[0], str(cut), *REAL_IMAGES[2:]]}
-    p = only(validate_entries([broken], et_label=3), str(cut))
+    whole = Path(images[1]).read_bytes()
+    cut.write_bytes(whole[: len(whole) // 2])
+    broken = {"case_id": "cut", "image": [images[0], str(cut), *images[2:]]}
+    p = only(validate_entries([broken], et_label=et), str(cut))
     assert "not a readable NIfTI" in p.problem
+    if et not in np.unique(np.asanyarray(nib.load(seg).dataobj)):
+        pytest.skip(f"{labelled_case.case_id} has no enhancing tumour (label {et}): the ET-label trap needs one")
+    problems = validate_entries([entry], et_label=other)  # the 4-vs-3 trap on real data
+    p = only(problems, seg)
+    assert f"[{et}]" in p.problem and f"et_label={et}" in p.fix
+    with pytest.raises(ValueError, match=f"ET label {other} never occurs.*label value {et} occurs in 1 case"):
+        check_datalist([entry], et_label=other)
+    relabelled = {"case_id": "relabelled", "image": images, "label": str(other_convention_seg.path)}
+    assert check_datalist([relabelled], et_label=other) == [relabelled]

@@ -1,0 +1,347 @@
+"""Segmenting a folder of cases: per-case input checks, quality flags, tumor volumes, a summary, many processes.
+
+``segment_cases`` is the ``run`` of inference.json and evaluate.json. For every case it
+
+1. reports a case that dataset discovery found incomplete, and checks the headers (shapes, finite affines);
+2. skips it when its output already exists, reads whole and was written with the same settings (a fingerprint of
+   checkpoints, flips, thresholds ... in the NIfTI header's ``descrip``; ``overwrite`` redoes it), so a killed run is
+   resumed by running it again, and a retrained model never keeps stale outputs;
+3. loads it through ``preprocessing``, whose ``CheckSequencesd`` runs the pre-flight's data checks (NaN/Inf, blank or
+   constant sequences, empty brain) on what was loaded; an error fails the case, a warning is carried along;
+4. segments and writes it, then flags it (``QualityCheck``) when the prediction is empty although the brain is not,
+   or when the whole tumor covers more than ``max_tumor_fraction`` of the brain; flagged cases are written;
+5. records its tumor volumes in ``<output_dir>/volumes.csv`` (rewritten atomically after every case).
+
+A failing case never stops the others. The run ends with a summary that lists written, skipped, failed and flagged
+cases one line each, and a non-zero exit (``DataError``: no traceback) when a case failed.
+
+Under torchrun (``torch.distributed`` initialised), the cases are split across ranks balanced by voxel count (each
+case on exactly one rank), each rank writes its own outputs, and one ``all_gather_object`` at the end brings every
+rank's results to rank 0, which prints the summary and writes ``volumes.csv``. Every rank reaches that gather
+whatever happened to its cases (all errors are caught per case and around the loop), so no rank waits forever, and
+every rank exits non-zero when any case failed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import hashlib
+import json
+import logging
+import os
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+
+import nibabel as nib
+import numpy as np
+import torch
+from monai.data import MetaTensor
+
+from custom.data import DataError, case_id_from_path
+from custom.distributed import rank_and_world_size
+from custom.io import atomic_path
+from custom.validation import check_headers
+
+__all__ = ["QualityCheck", "segment_cases", "label_volumes", "split_by_size", "SegmentationSummary"]
+
+logger = logging.getLogger(__name__)
+VOLUMES_CSV = "volumes.csv"
+
+
+@dataclass
+class QualityCheck:
+    """Flags suspicious predictions (a warning, not a failure): empty although the brain is not, or a whole tumor
+    larger than ``max_tumor_fraction`` of the brain (the largest gliomas of BraTS cover well under half of it)."""
+
+    max_tumor_fraction: float = 0.5
+    flag_empty: bool = True
+
+    def __call__(self, labels: np.ndarray, brain_voxels: int) -> list[str]:
+        tumor = int(np.count_nonzero(labels))
+        flags = []
+        if self.flag_empty and tumor == 0 and brain_voxels > 0:
+            flags.append(f"empty prediction although the brain has {brain_voxels} voxels")
+        if brain_voxels > 0 and tumor / brain_voxels > self.max_tumor_fraction:
+            flags.append(
+                f"whole tumor covers {tumor / brain_voxels:.0%} of the brain (more than max_tumor_fraction "
+                f"{self.max_tumor_fraction:g})"
+            )
+        return flags
+
+
+def label_volumes(labels: np.ndarray, spacing: Sequence[float], et_label: int = 4, rc_label: int | None = None) -> dict:
+    """Volumes in millilitres of each BraTS label and region of a label map with voxel ``spacing`` (mm).
+
+    Labels: ``ncr`` 1 (necrosis / non-enhancing core), ``ed`` 2 (edema), ``et`` ``et_label``, and ``rc`` (resection
+    cavity, label 4 of BraTS 2024+ when ``rc_label`` is given); regions: ``tc`` = ncr + et, ``wt`` = ncr + ed + et.
+    """
+    labels = np.asarray(labels)
+    voxel_ml = float(np.prod([float(s) for s in spacing])) / 1000.0
+    counts = np.bincount(labels.ravel().astype(np.int64), minlength=max(5, int(et_label) + 1))
+    volumes = {"ncr_ml": counts[1], "ed_ml": counts[2], "et_ml": counts[int(et_label)]}
+    if rc_label is not None:
+        volumes["rc_ml"] = counts[int(rc_label)]
+    volumes["tc_ml"] = volumes["ncr_ml"] + volumes["et_ml"]
+    volumes["wt_ml"] = volumes["tc_ml"] + volumes["ed_ml"]
+    return {key: round(float(count) * voxel_ml, 4) for key, count in volumes.items()}
+
+
+@dataclass
+class CaseResult:
+    case_id: str
+    status: str  # "written", "skipped", "failed"
+    detail: str = ""  # output path or reason
+    flags: list[str] = field(default_factory=list)
+    volumes: dict | None = None
+
+
+@dataclass
+class SegmentationSummary:
+    results: list[CaseResult]
+
+    def of(self, status: str) -> list[CaseResult]:
+        return [r for r in self.results if r.status == status]
+
+    @property
+    def written(self) -> list[str]:
+        return [r.detail for r in self.of("written")]
+
+    @property
+    def failed(self) -> list[CaseResult]:
+        return self.of("failed")
+
+    @property
+    def flagged(self) -> list[CaseResult]:
+        return [r for r in self.results if r.flags]
+
+    def text(self) -> str:
+        n = len(self.results)
+        head = f"segmented {len(self.of('written'))} of {n} cases"
+        if self.of("skipped"):
+            head += f"; {len(self.of('skipped'))} already written (skipped; --overwrite true redoes them)"
+        head += f"; {len(self.failed)} failed; {len(self.flagged)} flagged"
+        lines = [head]
+        for title, rows in (
+            ("written", [f"{r.case_id}: {r.detail}" for r in self.of("written")]),
+            ("skipped", [f"{r.case_id}: {r.detail}" for r in self.of("skipped")]),
+            ("flagged (written; please look at them)", [f"{r.case_id}: {'; '.join(r.flags)}" for r in self.flagged]),
+            ("failed (not written)", [f"{r.case_id}: {r.detail}" for r in self.failed]),
+        ):
+            if rows:
+                lines.append(f"{title}:")
+                lines += [f"  {row}" for row in rows]
+        return "\n".join(lines)
+
+
+def _first(image) -> str:
+    return image if isinstance(image, (str, os.PathLike)) else image[0]
+
+
+def _describe(error: BaseException) -> str:
+    """The root cause of an error, without MONAI's "applying transform ..." wrappers."""
+    while error.__cause__ is not None and str(error).startswith("applying transform"):
+        error = error.__cause__
+    return f"{type(error).__name__}: {error}"
+
+
+def _voxels(item: Mapping) -> int:
+    """Voxel count of a case from its first file's header (0 when unreadable: such a case fails quickly anyway)."""
+    try:
+        return int(np.prod(nib.load(_first(item["image"])).shape[:3]))
+    except Exception:  # noqa: BLE001
+        return 0
+
+
+def split_by_size(sizes: Sequence[int], parts: int) -> list[list[int]]:
+    """Indices of ``sizes`` dealt to ``parts`` groups of nearly equal total size: largest first, each to the group
+    with the least so far (ties to the lowest group). Deterministic, so every rank computes the same split."""
+    groups: list[list[int]] = [[] for _ in range(parts)]
+    totals = [0] * parts
+    for index in sorted(range(len(sizes)), key=lambda i: (-sizes[i], i)):
+        target = min(range(parts), key=lambda g: (totals[g], g))
+        groups[target].append(index)
+        totals[target] += sizes[index]
+    return [sorted(group) for group in groups]
+
+
+def _fingerprint(settings: Mapping | None) -> str:
+    """Hash of the settings that shape an output; a path that exists counts with its size and modification time,
+    so a retrained checkpoint of the same name changes it."""
+
+    def expand(value):
+        if isinstance(value, (list, tuple)):
+            return [expand(v) for v in value]
+        if isinstance(value, Mapping):
+            return {str(k): expand(v) for k, v in sorted(value.items())}
+        if isinstance(value, str) and os.path.exists(value):
+            paths = [value] if os.path.isfile(value) else sorted(
+                os.path.join(value, name) for name in os.listdir(value) if name.endswith(".pt"))
+            return [(p, os.path.getsize(p), int(os.path.getmtime(p))) for p in paths]
+        return value if isinstance(value, (int, float, bool, type(None))) else str(value)
+
+    return hashlib.sha256(json.dumps(expand(dict(settings or {})), sort_keys=True).encode()).hexdigest()[:16]
+
+
+PROVENANCE_PREFIX = "brats_cascaded_unet settings "
+
+
+def _kept_output(path: str, fingerprint: str) -> bool:
+    """True when ``path`` exists, reads whole, and was written with the settings of ``fingerprint`` (recorded in
+    its NIfTI header's ``descrip`` by the writer: the output carries its own provenance, atomically)."""
+    if not os.path.isfile(path):
+        return False
+    try:
+        image = nib.load(path)
+        if image.header["descrip"].tobytes().rstrip(b"\0").decode(errors="replace") != PROVENANCE_PREFIX + fingerprint:
+            return False
+        np.asanyarray(image.dataobj)
+        return True
+    except Exception:  # noqa: BLE001 - unreadable: redo it
+        return False
+
+
+def _output_dir(writer) -> str:
+    return str(getattr(writer, "output_dir", "") or "")
+
+
+class _VolumesTable:
+    """``volumes.csv``: one row per case, merged with the rows of earlier runs, rewritten atomically."""
+
+    def __init__(self, path: str | None) -> None:
+        self.path = path
+        self.rows: dict[str, dict] = {}
+        if path and os.path.isfile(path):
+            with open(path, newline="") as f:
+                self.rows = {row["case_id"]: row for row in csv.DictReader(f)}
+
+    def update(self, results: Sequence[CaseResult]) -> None:
+        if not self.path:
+            return
+        for r in results:
+            if r.volumes is not None:
+                self.rows[r.case_id] = {"case_id": r.case_id, **r.volumes, "qc": "; ".join(r.flags) or "ok"}
+        if not self.rows:
+            return
+        columns = ["case_id"]
+        for row in self.rows.values():
+            columns += [k for k in row if k not in columns and k != "qc"]
+        columns.append("qc")
+        with atomic_path(self.path) as tmp, open(tmp, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=columns, restval="")
+            writer.writeheader()
+            for case_id in sorted(self.rows):
+                writer.writerow(self.rows[case_id])
+
+
+def _segment_one(
+    item: Mapping, case_id: str, preprocessing, network, inferer, postprocessing, writer, device, amp, quality_check,
+    et_label: int, rc_label: int | None, fingerprint: str,
+) -> CaseResult:
+    if item.get("error"):
+        raise ValueError(item["error"])
+    problems = check_headers(case_id, item["image"])
+    if problems:
+        raise ValueError("; ".join(f"{p.file}: {p.problem}" for p in problems))
+    sample = preprocessing({**item, "source": item["image"]})
+    warnings = [w for w in str(sample.get("input_warnings", "")).splitlines() if w]
+    image = sample["image"].unsqueeze(0).to(device)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if amp and device.type == "cuda" else contextlib.nullcontext()
+    with torch.inference_mode(), autocast:
+        probabilities = inferer(image, network)[0].float().cpu()
+    sample["pred"] = MetaTensor(probabilities, meta=sample["image"].meta)
+    sample = postprocessing(sample)
+    path = writer({**sample, "case_id": case_id, "provenance": PROVENANCE_PREFIX + fingerprint})
+    labels = np.asarray(sample["pred"]).reshape(np.asarray(sample["pred"]).shape[-3:])
+    brain_voxels = int(sample.get("brain_voxels", 0))
+    flags = warnings + (quality_check(labels, brain_voxels) if quality_check is not None else [])
+    spacing = nib.load(_first(item["image"])).header.get_zooms()[:3]
+    volumes = label_volumes(labels, spacing, et_label, rc_label)
+    volumes["brain_ml"] = round(brain_voxels * float(np.prod(spacing)) / 1000.0, 4)
+    return CaseResult(case_id, "written", path, flags, volumes)
+
+
+def segment_cases(
+    data: Sequence[dict],
+    preprocessing: Callable,
+    network: torch.nn.Module,
+    inferer: Callable,
+    postprocessing: Callable,
+    writer: Callable[[Mapping], str],
+    device: str | torch.device = "cpu",
+    amp: bool = False,
+    progress: bool = True,
+    raise_on_failure: bool = True,
+    overwrite: bool = False,
+    quality_check: QualityCheck | None = None,
+    settings: Mapping | None = None,
+    et_label: int = 4,
+    rc_label: int | None = None,
+    volumes_csv: str | None = "",
+) -> SegmentationSummary:
+    """Segments every case of ``data`` and writes it (see the module docstring); returns the summary.
+
+    ``settings`` (checkpoints, tta, thresholds, ...) decide whether an existing output may be kept: outputs are
+    skipped only when they were written with the same settings and ``overwrite`` is false. ``volumes_csv``: ""
+    writes ``<writer.output_dir>/volumes.csv``, None writes none. With ``raise_on_failure`` (inference) a failed
+    case ends the run with a non-zero exit after all the others are written; without it (evaluation) failures
+    are only reported, and evaluation then reports the cases it finds no prediction for.
+    """
+    from tqdm import tqdm
+
+    if not data:
+        raise DataError("no cases to segment: --dataset_dir is missing, empty or holds no BraTS case.")
+    device = torch.device(device)
+    rank, world_size = rank_and_world_size()
+    output_dir = _output_dir(writer)
+    fingerprint = _fingerprint(settings)
+    if volumes_csv == "":
+        volumes_csv = os.path.join(output_dir, VOLUMES_CSV) if output_dir else None
+
+    indices = list(range(len(data)))
+    if world_size > 1:
+        indices = split_by_size([_voxels(item) for item in data], world_size)[rank]
+    results: list[CaseResult] = []
+    table = _VolumesTable(volumes_csv if world_size == 1 else None)
+    try:
+        for i in tqdm(indices, desc="segmenting", unit="case", disable=not progress or rank != 0):
+            item = data[i]
+            case_id = str(item.get("case_id") or case_id_from_path(_first(item["image"])))
+            existing = os.path.join(output_dir, f"{case_id}.nii.gz") if output_dir else ""
+            if not overwrite and existing and _kept_output(existing, fingerprint):
+                results.append(CaseResult(case_id, "skipped", existing))
+                continue
+            try:
+                results.append(_segment_one(item, case_id, preprocessing, network, inferer, postprocessing, writer,
+                                            device, amp, quality_check, et_label, rc_label, fingerprint))
+            except Exception as e:  # one bad case must not stop the others
+                results.append(CaseResult(case_id, "failed", _describe(e)))
+                logger.error(f"{case_id}: {results[-1].detail}")
+            table.update(results[-1:])
+            if results[-1].flags:
+                logger.warning(f"{case_id}: " + "; ".join(results[-1].flags))
+    except BaseException as e:  # noqa: BLE001 - whatever happens here, this rank must still reach the gather
+        done = {r.case_id for r in results}
+        for i in indices:
+            case_id = str(data[i].get("case_id") or case_id_from_path(_first(data[i]["image"])))
+            if case_id not in done:
+                results.append(CaseResult(case_id, "failed", f"rank {rank} stopped: {_describe(e)}"))
+        if world_size == 1:
+            raise
+    if world_size > 1:
+        mine = ", ".join(r.case_id for r in results)
+        print(f"rank {rank}/{world_size}: {len(results)} case(s): {mine}", flush=True)
+        gathered: list = [None] * world_size
+        torch.distributed.all_gather_object(gathered, results)
+        results = [r for part in gathered for r in part]
+        if rank == 0:
+            _VolumesTable(volumes_csv).update(results)
+    summary = SegmentationSummary(sorted(results, key=lambda r: r.case_id))
+    if rank == 0:
+        print(summary.text(), flush=True)
+    if summary.failed and raise_on_failure:
+        raise DataError(
+            f"{len(summary.failed)} of {len(results)} case(s) failed (the others were written):\n  "
+            + "\n  ".join(f"{r.case_id}: {r.detail}" for r in summary.failed)
+        )
+    return summary
