@@ -11,11 +11,12 @@ Prints one JSON line per measurement (and appends them to ``--output``):
     as the model-zoo ``brats_mri_segmentation`` bundle trains it; ``train_step_ratio`` lines give cascade/anchor.
 ``infer_case``
     one whole case as ``inference.json`` runs it: the brain's bounding-box crop of ``--volume`` (a synthetic
-    ellipsoidal brain with the bounding-box proportions of the real case in ``shared/data``, or ``--case DIR``
-    through the bundle's own preprocessing), one checkpoint of random weights loaded with
-    ``custom.inference.load_network``, ``FlipTTAInferer`` with ``--tta`` flips in chunks of ``--tta_chunk``;
-    eager and compiled. The anchor runs the same number of flips in a plain loop on the full (not cropped) volume,
-    as the anchor bundle does; ``infer_case_ratio`` gives cascade/anchor.
+    ellipsoidal brain with the bounding-box proportions of the BraTS 2023 case BraTS-GLI-00001-000), or of a real
+    case with ``--case DIR`` (the folder of one BraTS case, any naming) through the bundle's own preprocessing;
+    one checkpoint of random weights loaded with ``custom.inference.load_network``, ``FlipTTAInferer`` with
+    ``--tta`` flips in chunks of ``--tta_chunk``; eager and compiled. The anchor runs the same number of flips in
+    a plain loop on the full (not cropped) volume, as the anchor bundle does; ``infer_case_ratio`` gives
+    cascade/anchor.
 ``loader``
     samples per second delivered by ``train.json``'s train dataloader (memory cache, ``--workers`` workers) over
     ``--loader_cases`` synthetic cases of ``--volume``, and its ratio to the cascade's measured step rate
@@ -51,7 +52,7 @@ __all__ = ["MEASURES", "REAL_CASE_BRAIN_FRACTION", "benchmark", "anchor_network"
 
 MEASURES = ("train", "infer", "loader")
 
-#: bounding box of the brain in the real case of shared/data (140x190x137 of 240x240x155), per axis
+#: bounding box of the brain in the BraTS 2023 case BraTS-GLI-00001-000 (140x190x137 of 240x240x155), per axis
 REAL_CASE_BRAIN_FRACTION = (140 / 240, 190 / 240, 137 / 155)
 
 _CONFIG_DIR = Path(__file__).resolve().parents[1] / "bundle" / "configs"
@@ -400,6 +401,7 @@ def _inference_inputs(volume, case: str | None, seed: int) -> dict:
 
 def _infer_cascade(mode: str, inputs: dict, tta: int, tta_chunk, steps: int, warmup: int, device: torch.device,
                    amp: bool) -> dict:
+    from custom.ensemble import flip_chunk_size
     from custom.inference import FlipTTAInferer, load_network
 
     memory = _PeakMemory(device)
@@ -420,7 +422,7 @@ def _infer_cascade(mode: str, inputs: dict, tta: int, tta_chunk, steps: int, war
     timing = _time_calls(call, steps, warmup, device, memory)
     record = {
         **_case_timing(timing),
-        "tta_chunk_used": inferer._chunk_size(torch.empty(0, device=device)),
+        "tta_chunk_used": flip_chunk_size(tta_chunk, device),
     }
     del network
     return record

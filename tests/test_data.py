@@ -23,19 +23,8 @@ from custom.data import (
     write_datalist,
 )
 
-REAL = Path(__file__).resolve().parents[2] / "shared" / "data"
-REAL_CASE = REAL / "BraTS-GLI-00001-000"
-REAL_FILES = {s: REAL_CASE / f"BraTS-GLI-00001-000-{x}.nii.gz" for s, x in zip(SEQUENCES, ("t1n", "t1c", "t2w", "t2f"))}
-REAL_SEG = REAL_CASE / "BraTS-GLI-00001-000-seg.nii.gz"
-REAL_SEG_LEGACY = REAL / "algorithm_segmentations" / "BraTS-GLI-00001-000_isen20.nii.gz"
-
 UNDERSCORE = ("t1", "t1ce", "t2", "flair")  # 2018-2021 suffixes in SEQUENCES order
 DASH = ("t1n", "t1c", "t2w", "t2f")  # 2023+ suffixes in SEQUENCES order
-
-
-def need_real() -> None:
-    if not all(p.exists() for p in [*REAL_FILES.values(), REAL_SEG, REAL_SEG_LEGACY]):
-        pytest.skip(f"real BraTS case not available at {REAL} (see shared/data/README.md)")
 
 
 @pytest.fixture(scope="module")
@@ -328,16 +317,15 @@ def test_load_handwritten_datalist(tmp_path):
         load_datalist(str(nii))
 
 
-# ---- the real BraTS 2023 case under 2019, 2021 and 2023 names -------------------------------------------------
+# ---- the real BraTS case (BRATS_TEST_CASE) under 2019, 2021 and 2023 names ----------------------------------------
 
 
-def link_real(folder: Path, case_id: str, suffixes, sep: str, seg: Path | None) -> dict[str, Path]:
+def link_real(folder: Path, case_id: str, suffixes, sep: str, images, seg: Path | None) -> dict[str, Path]:
     folder.mkdir(parents=True)
     expected = {}
-    for s, suffix in zip(SEQUENCES, suffixes):
-        link = folder / f"{case_id}{sep}{suffix}.nii.gz"
-        link.symlink_to(REAL_FILES[s])
-        expected[s] = REAL_FILES[s]
+    for s, suffix, target in zip(SEQUENCES, suffixes, images):
+        (folder / f"{case_id}{sep}{suffix}.nii.gz").symlink_to(target)
+        expected[s] = target
     if seg is not None:
         (folder / f"{case_id}{sep}seg.nii.gz").symlink_to(seg)
     return expected
@@ -351,10 +339,12 @@ def link_real(folder: Path, case_id: str, suffixes, sep: str, seg: Path | None) 
         ("", "BraTS-GLI-00001-000", DASH, "-", 3, None),
     ],
 )
-def test_real_case_under_each_naming(tmp_path, layout, case_id, suffixes, sep, et_label, group):
-    need_real()
-    seg = REAL_SEG if et_label == 3 else REAL_SEG_LEGACY  # label convention matching the naming
-    expected = link_real(tmp_path / layout / case_id, case_id, suffixes, sep, seg)
+def test_real_case_under_each_naming(
+    labelled_case, other_convention_seg, tmp_path, layout, case_id, suffixes, sep, et_label, group
+):
+    # the case's own segmentation, or the same one relabelled, so that its ET value matches the naming
+    seg = labelled_case.label if et_label == labelled_case.et_label else other_convention_seg.path
+    expected = link_real(tmp_path / layout / case_id, case_id, suffixes, sep, labelled_case.images, seg)
     (case,) = discover_cases(str(tmp_path))
     assert case.case_id == case_id and case.et_label == et_label and case.group == group
     for path, s in zip(case.images, SEQUENCES):  # each position resolves to the right real sequence
@@ -362,13 +352,27 @@ def test_real_case_under_each_naming(tmp_path, layout, case_id, suffixes, sep, e
     assert os.path.realpath(case.label) == os.path.realpath(seg)
     dl = make_datalist(str(tmp_path))
     assert dl["et_label"] == et_label and len(dl["training"]) == 1 and validation_files(dl, 0)
-    img = nib.load(case.images[0])  # the real header survives discovery untouched
-    assert img.shape == (240, 240, 155) and np.allclose(np.diag(img.affine)[:3], (-1, -1, 1))
+    img, source = nib.load(case.images[0]), nib.load(labelled_case.images[0])  # the real header, untouched
+    assert img.shape == source.shape and np.array_equal(img.affine, source.affine)
 
 
-def test_real_case_in_place():
-    need_real()
-    cases = discover_cases(str(REAL))  # the shared folder itself, with the extra algorithm segmentation beside it
-    assert [c.case_id for c in cases] == ["BraTS-GLI-00001-000"]
-    assert cases[0].images == [str(REAL_FILES[s].resolve()) for s in SEQUENCES]
-    assert cases[0].label == str(REAL_SEG.resolve()) and cases[0].et_label == 3
+# suffix of each sequence (SEQUENCES order) in either naming; the case's files are checked by name, independently of
+# the discovery the fixture itself went through
+_NAMED = {3: [("t1n",), ("t1c",), ("t2w",), ("t2f",)], 4: [("t1",), ("t1ce", "t1c", "t1gd"), ("t2",), ("flair",)]}
+
+
+def test_real_case_in_place(real_case, tmp_path):
+    sep = "-" if real_case.et_label == 3 else "_"
+    for path, suffixes in zip(real_case.images, _NAMED[real_case.et_label]):
+        stem = path.name.split(".nii")[0].lower()
+        assert any(stem == f"{real_case.case_id}{sep}{x}".lower() for x in suffixes), (path, suffixes)
+    # the case folder in a dataset folder, with another algorithm's segmentations beside it when there are some (a
+    # 3-D file whose name is no BraTS sequence): still one case, in place
+    (tmp_path / real_case.case_id).symlink_to(real_case.dir, target_is_directory=True)
+    beside = real_case.dir.parent / "algorithm_segmentations"
+    if beside.is_dir():
+        (tmp_path / beside.name).symlink_to(beside, target_is_directory=True)
+    (case,) = discover_cases(str(tmp_path))
+    assert case.case_id == real_case.case_id and case.et_label == real_case.et_label
+    assert [os.path.realpath(p) for p in case.images] == [os.path.realpath(p) for p in real_case.images]
+    assert (case.label and os.path.realpath(case.label)) == (real_case.label and os.path.realpath(real_case.label))

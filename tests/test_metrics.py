@@ -1,4 +1,4 @@
-"""Tests of custom.metrics: BraTS rules on hand-made volumes, the real BraTS 2023 pair, folder evaluation."""
+"""Tests of custom.metrics: BraTS rules on hand-made volumes, a real BraTS case's segmentations, folder evaluation."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import csv
 import math
 import sys
 import types
+from dataclasses import dataclass
 from pathlib import Path
 
 import nibabel as nib
@@ -14,6 +15,7 @@ import pytest
 import torch
 from scipy import ndimage
 
+from conftest import swap_et
 from custom.metrics import (
     BRATS_MAX_HD95,
     CSV_COLUMNS,
@@ -24,11 +26,6 @@ from custom.metrics import (
     region_metrics,
     summarize,
 )
-
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
-CASE_ID = "BraTS-GLI-00001-000"
-SEG_2023 = DATA / CASE_ID / f"{CASE_ID}-seg.nii.gz"  # ET = 3
-SEG_ISEN20 = DATA / "algorithm_segmentations" / f"{CASE_ID}_isen20.nii.gz"  # ET = 4
 
 EXPECTED_COLUMNS = [
     "case_id",
@@ -188,37 +185,83 @@ def test_summarize_rows():
     assert all(math.isnan(r["dice_wt"]) for r in summarize([]))
 
 
-# ---------------------------------------------------------------- the real BraTS 2023 pair
+# ---------------------------------------------------------------- segmentations of the real case (BRATS_TEST_CASE)
+
+SHIFT = 2  # voxels along the first axis: the derived prediction is the reference moved by this much
+
+
+@dataclass(frozen=True)
+class RealPair:
+    """The case's segmentation as reference; as prediction the same tumour with ET in the other convention, moved
+    by ``SHIFT`` voxels: differs from the reference (Dice < 1) and uses the other ET label."""
+
+    case_id: str
+    ref: np.ndarray
+    ref_path: Path
+    ref_et: int
+    pred: np.ndarray
+    pred_path: Path
+    pred_et: int
+    spacing: tuple[float, float, float]
 
 
 @pytest.fixture(scope="module")
-def real_pair():
-    if not (SEG_2023.exists() and SEG_ISEN20.exists()):
-        pytest.skip(f"real BraTS data not found under {DATA} (see shared/data/README.md)")
-    ref_img, pred_img = nib.load(str(SEG_2023)), nib.load(str(SEG_ISEN20))
+def real_pair(labelled_case, tmp_path_factory) -> RealPair:
+    ref_img = nib.load(labelled_case.label)
+    ref, ref_et = np.asanyarray(ref_img.dataobj), labelled_case.et_label
+    if not (ref == ref_et).any():
+        pytest.skip(f"{labelled_case.case_id} has no enhancing tumour (label {ref_et}): these tests need one")
+    pred = np.roll(swap_et(ref, ref_et), SHIFT, axis=0)
+    pred_path = tmp_path_factory.mktemp("shifted") / "prediction.nii.gz"
+    nib.save(nib.Nifti1Image(pred, ref_img.affine), str(pred_path))
     spacing = tuple(float(z) for z in ref_img.header.get_zooms()[:3])
-    return np.asanyarray(pred_img.dataobj), np.asanyarray(ref_img.dataobj), spacing
+    return RealPair(labelled_case.case_id, ref, labelled_case.label, ref_et, pred, pred_path, 7 - ref_et, spacing)
 
 
-def test_real_pair_is_close_but_not_identical(real_pair):
-    pred, ref, spacing = real_pair
-    m = case_metrics(pred, ref, spacing, pred_et_label=4, ref_et_label=3)
-    print("\nisen20 (ET=4) vs BraTS 2023 pseudo-label (ET=3):", {k: round(v, 4) for k, v in m.items()})
+def test_real_pair_is_close_but_not_identical(labelled_case, algorithm_segmentation):
+    """The case's segmentation against another algorithm's segmentation of the same case."""
+    ref_img = nib.load(labelled_case.label)
+    ref, pred = np.asanyarray(ref_img.dataobj), np.asanyarray(nib.load(algorithm_segmentation.path).dataobj)
+    spacing = tuple(float(z) for z in ref_img.header.get_zooms()[:3])
+    pred_et, ref_et = algorithm_segmentation.et_label, labelled_case.et_label
+    m = case_metrics(pred, ref, spacing, pred_et_label=pred_et, ref_et_label=ref_et)
+    print(f"\n{algorithm_segmentation.path.name} (ET={pred_et}) vs {labelled_case.label.name} (ET={ref_et}):",
+          {k: round(v, 4) for k, v in m.items()})
     for r in REGIONS:
-        assert 0.85 < m[f"dice_{r}"] < 1.0
-        assert 0.0 < m[f"hd95_{r}"] < 10.0
-        assert 0.85 < m[f"sensitivity_{r}"] < 1.0
-        assert 0.999 < m[f"specificity_{r}"] < 1.0
-    # independent HD95 of one region (scipy EDT on the full volume, no cropping)
-    p_wt = labels_to_regions(pred, 4)["wt"]
-    r_wt = labels_to_regions(ref, 3)["wt"]
-    assert m["hd95_wt"] == pytest.approx(_scipy_hd95(p_wt, r_wt, spacing), abs=1e-4)
+        assert 0.0 <= m[f"dice_{r}"] <= 1.0 and 0.0 <= m[f"sensitivity_{r}"] <= 1.0
+        assert 0.99 < m[f"specificity_{r}"] <= 1.0  # the tumour is a small part of the volume
+    if labelled_case.case_id == "BraTS-GLI-00001-000" and algorithm_segmentation.path.name.endswith("_isen20.nii.gz"):
+        for r in REGIONS:  # the top-ranked BraTS 2023 method against this case's reference: close, not identical
+            assert 0.85 < m[f"dice_{r}"] < 1.0
+            assert 0.0 < m[f"hd95_{r}"] < 10.0
+            assert 0.85 < m[f"sensitivity_{r}"] < 1.0
+            assert 0.999 < m[f"specificity_{r}"] < 1.0
+    # independent HD95 and Dice of one region (scipy EDT on the full volume, no cropping)
+    p_wt = labels_to_regions(pred, pred_et)["wt"]
+    r_wt = labels_to_regions(ref, ref_et)["wt"]
+    if p_wt.any() and r_wt.any():
+        assert m["hd95_wt"] == pytest.approx(_scipy_hd95(p_wt, r_wt, spacing), abs=1e-4)
     assert m["dice_wt"] == pytest.approx(2 * (p_wt & r_wt).sum() / (p_wt.sum() + r_wt.sum()), rel=1e-5)
 
 
-def test_real_segmentation_against_itself(real_pair):
-    pred, ref, spacing = real_pair
-    for labels, et in ((ref, 3), (pred, 4)):
+def test_real_shifted_segmentation(real_pair):
+    """A pure translation by SHIFT voxels: every surface point is within SHIFT * spacing of the other surface."""
+    p = real_pair
+    m = case_metrics(p.pred, p.ref, p.spacing, pred_et_label=p.pred_et, ref_et_label=p.ref_et)
+    for r in REGIONS:
+        assert 0.0 < m[f"dice_{r}"] < 1.0
+        assert 0.0 < m[f"hd95_{r}"] <= SHIFT * p.spacing[0] + 1e-6
+    p_wt, r_wt = labels_to_regions(p.pred, p.pred_et)["wt"], labels_to_regions(p.ref, p.ref_et)["wt"]
+    assert m["dice_wt"] == pytest.approx(2 * (p_wt & r_wt).sum() / (p_wt.sum() + r_wt.sum()), rel=1e-5)
+    assert m["hd95_wt"] == pytest.approx(_scipy_hd95(p_wt, r_wt, p.spacing), abs=1e-4)
+
+
+def test_real_segmentation_against_itself(labelled_case, other_convention_seg):
+    ref_img = nib.load(labelled_case.label)
+    spacing = tuple(float(z) for z in ref_img.header.get_zooms()[:3])
+    own = other_convention_seg
+    for path, et in ((labelled_case.label, labelled_case.et_label), (own.path, own.et_label)):
+        labels = np.asanyarray(nib.load(path).dataobj)
         m = case_metrics(labels, labels.copy(), spacing, et, et)
         assert all(m[f"dice_{r}"] == 1.0 and m[f"hd95_{r}"] == 0.0 for r in REGIONS)
         assert all(m[f"sensitivity_{r}"] == 1.0 and m[f"specificity_{r}"] == 1.0 for r in REGIONS)
@@ -238,21 +281,22 @@ def _link(target: Path, link: Path):
 
 
 def test_evaluate_folder_flat_reports_missing_and_mismatched_cases(real_pair, tmp_path, capsys):
-    pred, ref, spacing = real_pair
+    p = real_pair
+    pred, ref, spacing = p.pred, p.ref, p.spacing
     pred_dir, ref_dir = tmp_path / "pred", tmp_path / "ref"
     pred_dir.mkdir()
     ref_dir.mkdir()
     for case in ("caseA", "caseB", "caseC", "caseD"):
-        _link(SEG_2023, ref_dir / f"{case}.nii.gz")  # BraTS 2023 references, ET = 3
-    _link(SEG_ISEN20, pred_dir / "caseA.nii.gz")  # legacy prediction, ET = 4
-    affine = nib.load(str(SEG_2023)).affine
-    nib.save(nib.Nifti1Image(np.where(ref == 3, 4, ref).astype(np.uint8), affine), str(pred_dir / "caseB.nii"))
+        _link(p.ref_path, ref_dir / f"{case}.nii.gz")  # references with the case's ET label
+    _link(p.pred_path, pred_dir / "caseA.nii.gz")  # prediction with the other ET label
+    affine = nib.load(str(p.ref_path)).affine
+    nib.save(nib.Nifti1Image(swap_et(ref, p.ref_et).astype(np.uint8), affine), str(pred_dir / "caseB.nii"))
     # caseC: no prediction; caseD: wrong shape
     nib.save(nib.Nifti1Image(np.zeros((10, 10, 10), np.uint8), affine), str(pred_dir / "caseD.nii.gz"))
     out = tmp_path / "results" / "metrics.csv"
 
     with pytest.raises(RuntimeError) as err:
-        evaluate_folder(str(pred_dir), str(ref_dir), str(out), et_label=4, ref_et_label=3)
+        evaluate_folder(str(pred_dir), str(ref_dir), str(out), et_label=p.pred_et, ref_et_label=p.ref_et)
     message = str(err.value)
     assert "caseC" in message and "no prediction" in message
     assert "caseD" in message and "shape" in message and "caseD.nii.gz" in message
@@ -263,7 +307,8 @@ def test_evaluate_folder_flat_reports_missing_and_mismatched_cases(real_pair, tm
     columns, rows = _read_csv(out)
     assert columns == EXPECTED_COLUMNS
     assert [r["case_id"] for r in rows] == ["caseA", "caseB"] + SUMMARY
-    expected_a = case_metrics(pred, ref, spacing, 4, 3)
+    expected_a = case_metrics(pred, ref, spacing, p.pred_et, p.ref_et)
+    assert expected_a["dice_wt"] < 1.0  # caseA differs from its reference
     for k, v in expected_a.items():
         assert float(rows[0][k]) == pytest.approx(v, rel=1e-6)
     assert all(float(rows[1][f"dice_{r}"]) == 1.0 and float(rows[1][f"hd95_{r}"]) == 0.0 for r in REGIONS)
@@ -273,11 +318,13 @@ def test_evaluate_folder_flat_reports_missing_and_mismatched_cases(real_pair, tm
 
 
 def test_evaluate_folder_wrong_et_label_is_a_reported_failure(real_pair, tmp_path):
+    p = real_pair
     pred_dir, ref_dir = tmp_path / "pred", tmp_path / "ref"
     pred_dir.mkdir()
     ref_dir.mkdir()
-    _link(SEG_2023, ref_dir / "c.nii.gz")
-    _link(SEG_ISEN20, pred_dir / "c.nii.gz")
+    # references with ET 3 read with ET 4 (the reverse, 4 read with ET 3, is the BraTS 2024 scheme: 4 = cavity)
+    _link(p.ref_path if p.ref_et == 3 else p.pred_path, ref_dir / "c.nii.gz")
+    _link(p.pred_path if p.pred_et == 4 else p.ref_path, pred_dir / "c.nii.gz")
     with pytest.raises(RuntimeError, match=r"c: reference: label values \[3\]"):
         evaluate_folder(str(pred_dir), str(ref_dir), str(tmp_path / "m.csv"), et_label=4)  # refs read with ET 4
     assert [r["case_id"] for r in _read_csv(tmp_path / "m.csv")[1]] == SUMMARY
@@ -285,23 +332,25 @@ def test_evaluate_folder_wrong_et_label_is_a_reported_failure(real_pair, tmp_pat
 
 def test_evaluate_folder_dataset_reference_uses_the_case_et_label(real_pair, tmp_path, monkeypatch):
     """A dataset folder goes through custom.data.discover_cases (stubbed here) and its per-case et_label."""
-    pred, ref, spacing = real_pair
+    p = real_pair
     calls = []
 
     def discover_cases(dataset_dir):
         calls.append(dataset_dir)
-        case = types.SimpleNamespace(case_id=CASE_ID, images={}, label=SEG_2023, et_label=3)
-        unlabelled = types.SimpleNamespace(case_id="no-label", images={}, label=None, et_label=3)
+        case = types.SimpleNamespace(case_id=p.case_id, images={}, label=p.ref_path, et_label=p.ref_et)
+        unlabelled = types.SimpleNamespace(case_id="no-label", images={}, label=None, et_label=p.ref_et)
         return [case, unlabelled]
 
     monkeypatch.setitem(sys.modules, "custom.data", types.SimpleNamespace(discover_cases=discover_cases))
     pred_dir = tmp_path / "pred"
     pred_dir.mkdir()
-    _link(SEG_ISEN20, pred_dir / f"{CASE_ID}.nii.gz")
-    table = evaluate_folder(str(pred_dir), str(DATA), str(tmp_path / "m.csv"), et_label=4)
-    assert calls == [str(DATA)]
-    assert [r["case_id"] for r in table] == [CASE_ID] + SUMMARY
-    assert table[0]["dice_et"] == pytest.approx(case_metrics(pred, ref, spacing, 4, 3)["dice_et"])
+    _link(p.pred_path, pred_dir / f"{p.case_id}.nii.gz")
+    dataset = tmp_path / "dataset"  # any folder: discovery is stubbed
+    dataset.mkdir()
+    table = evaluate_folder(str(pred_dir), str(dataset), str(tmp_path / "m.csv"), et_label=p.pred_et)
+    assert calls == [str(dataset)]
+    assert [r["case_id"] for r in table] == [p.case_id] + SUMMARY
+    assert table[0]["dice_et"] == pytest.approx(case_metrics(p.pred, p.ref, p.spacing, p.pred_et, p.ref_et)["dice_et"])
 
 
 def test_evaluate_folder_falls_back_to_flat_matching(real_pair, tmp_path, monkeypatch):
@@ -312,19 +361,23 @@ def test_evaluate_folder_falls_back_to_flat_matching(real_pair, tmp_path, monkey
     pred_dir, ref_dir = tmp_path / "pred", tmp_path / "ref"
     pred_dir.mkdir()
     ref_dir.mkdir()
-    _link(SEG_2023, ref_dir / f"{CASE_ID}-seg.nii.gz")  # BraTS 2023 file name of a label map
-    _link(SEG_2023, pred_dir / f"{CASE_ID}.nii.gz")
-    table = evaluate_folder(str(pred_dir), str(ref_dir), str(tmp_path / "m.csv"), et_label=3)
-    assert table[0]["case_id"] == CASE_ID and table[0]["dice_et"] == 1.0
+    p = real_pair
+    _link(p.ref_path, ref_dir / p.ref_path.name)  # the label map's BraTS file name (<case>-seg or <case>_seg)
+    _link(p.ref_path, pred_dir / f"{p.case_id}.nii.gz")
+    table = evaluate_folder(str(pred_dir), str(ref_dir), str(tmp_path / "m.csv"), et_label=p.ref_et)
+    assert table[0]["case_id"] == p.case_id and table[0]["dice_et"] == 1.0
 
 
-def test_evaluate_folder_with_the_real_discover_cases(real_pair, tmp_path):
+def test_evaluate_folder_with_the_real_discover_cases(labelled_case, real_pair, tmp_path):
     data_module = pytest.importorskip("custom.data", reason="custom.data (discover_cases) is not written yet")
     if not hasattr(data_module, "discover_cases"):
         pytest.skip("custom.data has no discover_cases yet")
     pred_dir = tmp_path / "pred"
     pred_dir.mkdir()
-    _link(SEG_ISEN20, pred_dir / f"{CASE_ID}.nii.gz")
-    table = evaluate_folder(str(pred_dir), str(DATA / CASE_ID), str(tmp_path / "m.csv"), et_label=4)
-    row = next(r for r in table if r["case_id"] == CASE_ID)
-    assert 0.85 < row["dice_et"] < 1.0  # the reference was read with ET = 3, as the 2023 naming says
+    p = real_pair
+    _link(p.pred_path, pred_dir / f"{p.case_id}.nii.gz")
+    table = evaluate_folder(str(pred_dir), str(labelled_case.dir), str(tmp_path / "m.csv"), et_label=p.pred_et)
+    row = next(r for r in table if r["case_id"] == p.case_id)
+    # the reference was read with the ET label its naming implies (read with the prediction's, it would fail)
+    assert row["dice_et"] == pytest.approx(case_metrics(p.pred, p.ref, p.spacing, p.pred_et, p.ref_et)["dice_et"])
+    assert 0.0 < row["dice_et"] < 1.0

@@ -2,7 +2,7 @@
 
 MONAI Label is an optional, heavy dependency that CI does not install; this test skips without it. To run it, install
 MONAI Label in its own virtual environment (see bundle/docs/README.md, "MONAI Label") and run
-``<venv>/bin/python -m pytest tests/test_monailabel.py``.
+``BRATS_TEST_CASE=<a BraTS case folder> <venv>/bin/python -m pytest tests/test_monailabel.py``.
 """
 
 import importlib.util
@@ -23,12 +23,10 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import CONFIG_DIR, REAL_CASE
+from conftest import CONFIG_DIR
 from custom.network import CascadedUNet
 from custom.package import package
 
-STUDY = "BraTS-GLI-00001-000"
-SEQUENCES = ("t1n", "t1c", "t2w", "t2f")  # T1, T1c, T2, FLAIR: the bundle's channel order
 SMALL = {"init_filters": 8, "blocks_down": [1, 1, 1, 1]}  # a small cascade so that CPU inference takes seconds
 STARTUP_TIMEOUT, INFER_TIMEOUT = 180, 420
 
@@ -66,14 +64,15 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _four_channel_study(folder: Path) -> Path:
-    """The real case as MONAI Label stores a multi-sequence study: one NIfTI, channels last, the sequences' affine."""
-    images = [nib.load(REAL_CASE / f"{STUDY}-{s}.nii.gz") for s in SEQUENCES]
+def _four_channel_study(real_case, folder: Path) -> Path:
+    """The real case as MONAI Label stores a multi-sequence study: one NIfTI, channels last (T1, T1c, T2, FLAIR: the
+    bundle's channel order), the sequences' affine."""
+    images = [nib.load(path) for path in real_case.images]
     data = np.stack([np.asarray(image.dataobj) for image in images], axis=-1)
     study = nib.Nifti1Image(data, images[0].affine)
     study.header.set_data_dtype(data.dtype)
     folder.mkdir(parents=True)
-    path = folder / f"{STUDY}.nii.gz"
+    path = folder / f"{real_case.case_id}.nii.gz"
     nib.save(study, path)
     return path
 
@@ -104,7 +103,8 @@ def _get(url: str, timeout: float) -> bytes:
 
 def test_monailabel_infers_a_four_channel_study(real_case, tmp_path):
     app, name, weights = _serve_bundle(tmp_path)
-    study = _four_channel_study(tmp_path / "studies")
+    study = _four_channel_study(real_case, tmp_path / "studies")
+    study_id = real_case.case_id
     port = _free_port()
     base = f"http://127.0.0.1:{port}"
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME")}
@@ -127,7 +127,7 @@ def test_monailabel_infers_a_four_channel_study(real_case, tmp_path):
                 time.sleep(0.5)
         assert name in info["models"] and name in info["trainers"]
 
-        request = urllib.request.Request(f"{base}/infer/{name}?image={STUDY}&output=image", data=b"", method="POST")
+        request = urllib.request.Request(f"{base}/infer/{name}?image={study_id}&output=image", data=b"", method="POST")
         try:
             with urllib.request.urlopen(request, timeout=INFER_TIMEOUT) as response:
                 answer = response.read()
@@ -144,7 +144,7 @@ def test_monailabel_infers_a_four_channel_study(real_case, tmp_path):
     (tmp_path / "answer.nii.gz").write_bytes(answer)
     label_map = nib.load(tmp_path / "answer.nii.gz")
     reference = nib.load(study)
-    assert label_map.shape == reference.shape[:3] == (240, 240, 155)
+    assert label_map.shape == reference.shape[:3] == nib.load(real_case.images[0]).shape
     assert np.allclose(label_map.affine, reference.affine)
     labels = np.asarray(label_map.dataobj)
     assert np.issubdtype(labels.dtype, np.integer) and set(np.unique(labels)) <= {0, 1, 2, 4}  # et_label 4: no dataset_dir
@@ -160,7 +160,7 @@ def test_monailabel_infers_a_four_channel_study(real_case, tmp_path):
     )
     workflow.initialize()
     workflow.run()
-    expected = np.asarray(nib.load(tmp_path / "run" / f"{STUDY}.nii.gz").dataobj)
+    expected = np.asarray(nib.load(tmp_path / "run" / f"{study_id}.nii.gz").dataobj)
     assert (expected > 0).any()
     agreement = (labels == expected).mean()
     assert agreement > 0.999, agreement  # identical up to float summation order of two processes' thread pools

@@ -1,4 +1,4 @@
-"""Pictures of a case: the real BraTS 2023 case of ../shared/data and synthetic cases."""
+"""Pictures of a case: the real BraTS case of BRATS_TEST_CASE and synthetic cases."""
 
 from __future__ import annotations
 
@@ -11,11 +11,6 @@ import pytest
 
 from custom import visualize as vis
 from custom.synthetic import synthesize
-
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
-REAL_CASE = DATA / "BraTS-GLI-00001-000"
-REAL_SEG = REAL_CASE / "BraTS-GLI-00001-000-seg.nii.gz"
-ISEN20 = DATA / "algorithm_segmentations" / "BraTS-GLI-00001-000_isen20.nii.gz"
 
 
 def _colour_fraction(png: np.ndarray, rgb, tol=0.12) -> float:
@@ -37,29 +32,29 @@ def synthetic_case(tmp_path_factory):
     return root / "BraTS2021_00000"
 
 
-def test_real_case_with_reference(tmp_path):
-    if not REAL_CASE.is_dir() or not ISEN20.is_file():
-        pytest.skip(f"real BraTS case not available at {DATA} (see shared/data/README.md)")
-    out = vis.visualize(str(REAL_CASE), str(REAL_SEG), str(tmp_path / "pics" / "real.png"), reference=str(ISEN20))
+def test_real_case_with_reference(labelled_case, other_convention_seg, tmp_path):
+    # the case's segmentation as prediction and, as reference, the same one with ET in the other convention
+    seg, reference = labelled_case.label, other_convention_seg.path
+    out = vis.visualize(str(labelled_case.dir), str(seg), str(tmp_path / "pics" / "real.png"), reference=str(reference))
     assert out == str(tmp_path / "pics" / "real.png")
     png = mpimg.imread(out)
     assert png.ndim == 3 and png.shape[0] >= 600 and png.shape[1] >= 1200, png.shape  # 3 rows x 6 columns
     assert png.shape[1] > 1.4 * png.shape[0]
-    # overlays (seg uses 3 for ET, isen20 uses 4: both detected) and the legend are drawn
+    # overlays (ET as 3 in one file and 4 in the other: both detected) and the legend are drawn
     for colour in ("red", "green", "yellow"):
         assert _colour_fraction(png, colour) > 1e-3, colour
     assert not list((tmp_path / "pics").glob(".*tmp")), "no temporary file left"
 
 
-def test_real_case_four_files_and_explicit_et_label(tmp_path):
-    if not REAL_CASE.is_dir():
-        pytest.skip(f"real BraTS case not available at {DATA} (see shared/data/README.md)")
-    files = ",".join(str(REAL_CASE / f"BraTS-GLI-00001-000-{s}.nii.gz") for s in ("t1n", "t1c", "t2w", "t2f"))
-    out = vis.visualize(files, str(REAL_SEG), str(tmp_path / "four.png"), et_label=3)
+def test_real_case_four_files_and_explicit_et_label(labelled_case, tmp_path):
+    files, seg, et = ",".join(map(str, labelled_case.images)), str(labelled_case.label), labelled_case.et_label
+    out = vis.visualize(files, seg, str(tmp_path / "four.png"), et_label=et)
     png = mpimg.imread(out)
     assert png.shape[1] < 1400, "5 columns without a reference"
-    with pytest.raises(ValueError, match=r"label values \[3\].*et_label"):
-        vis.visualize(files, str(REAL_SEG), str(tmp_path / "bad.png"), et_label=4)
+    if et not in np.unique(np.asanyarray(nib.load(seg).dataobj)):
+        pytest.skip(f"{labelled_case.case_id} has no enhancing tumour (label {et}): the wrong-et_label check needs one")
+    with pytest.raises(ValueError, match=rf"label values \[{et}\].*et_label"):
+        vis.visualize(files, seg, str(tmp_path / "bad.png"), et_label=7 - et)
     assert not (tmp_path / "bad.png").exists()
 
 
