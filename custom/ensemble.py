@@ -22,13 +22,12 @@ import copy
 import glob
 import logging
 import os
-import re
 from collections.abc import Callable, Sequence
 
 import torch
 from monai.data import MetaTensor
 
-from custom.checkpoints import BEST_MODEL, TRAINING_ONLY, list_snapshots, load_state_dict
+from custom.checkpoints import BEST_MODEL, SNAPSHOT_PATTERN, TRAINING_ONLY, list_snapshots, load_state_dict
 
 __all__ = [
     "FLIP_DIMS",
@@ -48,7 +47,6 @@ logger = logging.getLogger(__name__)
 # The 8 flip combinations of the 3 spatial axes of a (B, C, H, W, D) tensor, identity first; ``tta=k`` uses the first k.
 FLIP_DIMS: tuple[tuple[int, ...], ...] = ((), (2,), (3,), (4,), (2, 3), (2, 4), (3, 4), (2, 3, 4))
 ENSEMBLES = ("paper", "all", "best")
-_SNAPSHOT_EPOCH = re.compile(r"snapshot_epoch=(\d+)\.pt$")
 _NO_WEIGHTS = "train first or pass --checkpoints (files, training output folders of snapshots, or globs)"
 
 
@@ -61,7 +59,9 @@ def _check_choice(ensemble: str, tta: int) -> None:
 
 def _epoch_order(paths: list[str]) -> list[str]:
     """Snapshot files oldest first (by the epoch in their name; ``epoch=10`` after ``epoch=9``), other files by name."""
-    return sorted(paths, key=lambda p: (int(m.group(1)), p) if (m := _SNAPSHOT_EPOCH.search(p)) else (-1, p))
+    return sorted(
+        paths, key=lambda p: (int(m.group(1)), p) if (m := SNAPSHOT_PATTERN.match(os.path.basename(p))) else (-1, p)
+    )
 
 
 def _existing(path: str) -> str:

@@ -33,6 +33,7 @@ __all__ = [
     "get_scheme",
     "scheme_for_et_label",
     "allowed_labels",
+    "distinct_values",
     "label_values",
     "detect_label_scheme",
     "resolve_label_scheme",
@@ -127,14 +128,19 @@ def allowed_labels(label_scheme: str | LabelScheme | None = None, et_label: int 
     return get_scheme(label_scheme, et_label).allowed_labels
 
 
+def distinct_values(data: np.ndarray) -> np.ndarray:
+    """The distinct finite values of a label map, sorted (a bincount for small non-negative integers: about twice
+    as fast as ``np.unique`` on a 240x240x155 uint8 map)."""
+    if np.issubdtype(data.dtype, np.integer) and data.size and data.min() >= 0 and data.max() < 65536:
+        return np.flatnonzero(np.bincount(data.ravel().astype(np.int64, copy=False)))
+    return np.unique(data[np.isfinite(data)] if np.issubdtype(data.dtype, np.floating) else data)
+
+
 def label_values(path: str) -> set[int]:
-    """The distinct values of a label map file (voxel data read)."""
+    """The distinct values of a label map file, rounded to integers (voxel data read)."""
     import nibabel as nib
 
-    data = np.asanyarray(nib.load(str(path)).dataobj)
-    if np.issubdtype(data.dtype, np.integer) and data.size and data.min() >= 0:
-        return {int(v) for v in np.flatnonzero(np.bincount(data.ravel().astype(np.int64, copy=False)))}
-    return {int(v) for v in np.unique(np.rint(data[np.isfinite(data)]))}
+    return {int(v) for v in np.rint(distinct_values(np.asanyarray(nib.load(str(path)).dataobj)))}
 
 
 DETECTION_SAMPLE = 15  # label maps read to detect the scheme of a 2023+ dataset

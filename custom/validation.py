@@ -30,7 +30,7 @@ import nibabel as nib
 import numpy as np
 
 from .data import SEQUENCES, DataError
-from .labels import allowed_labels
+from .labels import allowed_labels, distinct_values
 
 __all__ = [
     "CaseProblem",
@@ -188,7 +188,7 @@ def check_label_values(
     case_id: str, path: str, data: np.ndarray, et_label: int, label_scheme: str | None = None
 ) -> tuple[list[CaseProblem], set[int]]:
     """Label values outside {0, 1, 2, et_label} (plus RC 4 for ``brats2024``), with the likely fix; and the values."""
-    found = _label_values(data)
+    found = distinct_values(data)
     values = {int(v) for v in found if float(v).is_integer()}
     allowed = set(allowed_labels(label_scheme, et_label=int(et_label))) if label_scheme else {0, 1, 2, int(et_label)}
     foreign = [v for v in found if not (float(v).is_integer() and int(v) in allowed)]
@@ -203,13 +203,6 @@ def check_label_values(
         fix += ", or et_label=4 if these are BraTS 2018-2021 labels"
     problem = f"label values {_format_values(foreign)} not in {_format_values(sorted(allowed))}"
     return [CaseProblem(case_id, path, problem, fix)], values
-
-
-def _label_values(data: np.ndarray) -> np.ndarray:
-    if np.issubdtype(data.dtype, np.integer) and data.size and data.min() >= 0 and data.max() < 65536:
-        return np.flatnonzero(np.bincount(data.ravel().astype(np.int64, copy=False)))
-    finite = data[np.isfinite(data)] if np.issubdtype(data.dtype, np.floating) else data
-    return np.unique(finite)
 
 
 def _format_values(values) -> str:
@@ -391,6 +384,20 @@ def _judge(entries: list[dict], reports: list[CaseReport], et_label: int, check_
     return _Verdict(good, problems, n_bad, et_trap)
 
 
+def _stop_on_errors(
+    verdict: _Verdict, n_entries: int, skip_invalid: bool, error: type, legend: str, et_hint: str, what_to_do: str
+) -> None:
+    """Raises ``error`` with every error of ``verdict`` (unless ``skip_invalid``) and with the ET trap (always)."""
+    errors = [p for p in verdict.problems if p.severity == "error"]
+    if errors and not skip_invalid:
+        message = f"{len(errors)} problem(s) in {verdict.n_bad} of {n_entries} case(s){legend}:\n{format_problems(errors)}\n"
+        if verdict.et_trap:
+            message += verdict.et_trap + et_hint + "\n"
+        raise error(message + what_to_do)
+    if verdict.et_trap:
+        raise error(verdict.et_trap + et_hint)
+
+
 def check_datalist(
     entries: list[dict],
     et_label: int,
@@ -411,14 +418,8 @@ def check_datalist(
     reports = preflight(entries, num_workers, et_label=int(et_label), check_labels=check_labels,
                         affine_tolerance=affine_tolerance, label_scheme=label_scheme)
     verdict = _judge(entries, reports, int(et_label), check_labels, require_et)
-    errors = [p for p in verdict.problems if p.severity == "error"]
-    if errors and not skip_invalid:
-        msg = f"{len(errors)} problem(s) in {verdict.n_bad} of {len(entries)} case(s):\n{format_problems(errors)}\n"
-        if verdict.et_trap:
-            msg += verdict.et_trap + "\n"
-        raise ValueError(msg + "fix the files, or set skip_invalid=true to skip these cases")
-    if verdict.et_trap:
-        raise ValueError(verdict.et_trap)
+    _stop_on_errors(verdict, len(entries), skip_invalid, ValueError, "", "",
+                    "fix the files, or set skip_invalid=true to skip these cases")
     if verdict.problems:
         logger.warning("skipping %d of %d case(s) with problems:\n%s", len(entries) - len(verdict.good), len(entries),
                        format_problems(verdict.problems))
@@ -459,14 +460,8 @@ def preflight_datalist(
         f"pre-flight: checked {len(entries)} case(s) ({n_files} files) in {time.perf_counter() - start:.1f} s with "
         f"{workers} process(es): {len(errors)} problem(s) in {verdict.n_bad} case(s)"
     )
-    if errors and not skip_invalid:
-        message = f"{len(errors)} problem(s) in {verdict.n_bad} of {len(entries)} case(s) (case: file: problem -> what to do):\n"
-        message += format_problems(errors) + "\n"
-        if verdict.et_trap:
-            message += verdict.et_trap + " (--et_label 3 or 4)\n"
-        raise DataError(message + "fix these files, or pass --skip_invalid true to train without these cases")
-    if verdict.et_trap:
-        raise DataError(verdict.et_trap + " (--et_label 3 or 4)")
+    _stop_on_errors(verdict, len(entries), skip_invalid, DataError, " (case: file: problem -> what to do)",
+                    " (--et_label 3 or 4)", "fix these files, or pass --skip_invalid true to train without these cases")
     training_ids = {id(e) for e in training}
     good = [e for e in verdict.good if id(e) in training_ids]
     if not good:

@@ -55,7 +55,7 @@ def fastest_memory_format(
 ) -> torch.nn.Module:
     """``network`` in the memory layout that trains fastest on this CPU: PyTorch's CPU 3-D convolutions take
     different kernels for NCDHW and channels-last (NDHWC) tensors, and which is faster depends on the CPU family and
-    the sizes (on a 2-core AMD EPYC (AVX2) channels-last was 2-3x faster at the demo's sizes). The choice is made at
+    the sizes (on a 2-core AMD EPYC (AVX2), a demo step took 1.13 s channels-last and 1.50 s NCDHW). The choice is made at
     run time by timing ``repeats`` forward and backward passes of a random batch in both layouts, so nobody has to
     pick it per machine. The network is converted in place (its parameters stay the optimizer's), at the start of
     the run rather than when the config is parsed. On CUDA the network is returned unchanged (NCDHW)."""

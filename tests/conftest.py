@@ -12,6 +12,18 @@ CONFIG_DIR = REPO_ROOT / "bundle" / "configs"
 
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
+# a narrow test-only network, for tests where the architecture is not under test (test_network.py checks the paper's)
+NARROW_NETWORK = {"network_def#init_filters": 8, "network_def#blocks_down": [1, 1, 1, 1]}
+# one epoch of train.json on 32^3 synthetic cases, validated at its end
+TINY_TRAINING = {
+    "epochs": 1,
+    "val_interval": 1,
+    "patch_size": [32, 32, 32],
+    "num_workers": 0,
+    "num_folds": 3,
+    **NARROW_NETWORK,
+}
+
 # ---- the real BraTS case of the real-data tests: one environment variable names it -------------------------------
 
 CASE_VARIABLE = "BRATS_TEST_CASE"

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import CONFIG_DIR, REPO_ROOT
+from conftest import CONFIG_DIR, NARROW_NETWORK, REPO_ROOT
 from custom.network import CascadedUNet
 from custom.package import BUNDLE_CONFIGS, bundle_files, default_output, package
 
@@ -25,7 +25,6 @@ INFERENCE_CONFIG = CONFIG_DIR / "inference.json"
 SCHEMA = Path(__file__).resolve().parent / "meta_schema.json"
 # a small cascade for the export and end-to-end tests (the full one is 24.9 M parameters); every override names a
 # `network_def` argument, so the same overrides apply to ckpt_export, onnx_export and `monai.bundle run`
-SMALL = {"network_def#init_filters": 8, "network_def#blocks_down": [1, 1, 1, 1]}
 SMALL_ARGS = {"init_filters": 8, "blocks_down": (1, 1, 1, 1), "trilinear_decoder": False}
 
 
@@ -120,7 +119,7 @@ def test_ckpt_export_torchscript_equals_the_eager_network(small_checkpoint, tmp_
     exported = tmp_path / "model.ts"
     _run([sys.executable, "-m", "monai.bundle", "ckpt_export", "network_def", "--filepath", str(exported),
           "--ckpt_file", str(small_checkpoint), "--meta_file", str(META_FILE), "--config_file", str(INFERENCE_CONFIG),
-          "--use_trace", "True", *_cli_overrides(SMALL)])
+          "--use_trace", "True", *_cli_overrides(NARROW_NETWORK)])
     traced, meta, extra = load_net_with_metadata(str(exported), more_extra_files=["inference.json"])
     assert meta["network_data_format"]["outputs"]["pred"]["channel_def"] == {"0": "TC", "1": "WT", "2": "ET"}
     assert json.loads(extra["inference.json"])["network_def"]["_target_"] == "custom.network.CascadedUNet"
@@ -148,7 +147,7 @@ def test_onnx_export_equals_the_eager_network(small_checkpoint, tmp_path):
     exported = tmp_path / "model.onnx"
     _run([sys.executable, "-m", "monai.bundle", "onnx_export", "network_def", "--filepath", str(exported),
           "--ckpt_file", str(small_checkpoint), "--meta_file", str(META_FILE), "--config_file", str(INFERENCE_CONFIG),
-          "--use_trace", "True", "--converter_kwargs", ONNX_KWARGS, *_cli_overrides(SMALL)])
+          "--use_trace", "True", "--converter_kwargs", ONNX_KWARGS, *_cli_overrides(NARROW_NETWORK)])
     session = onnxruntime.InferenceSession(str(exported), providers=["CPUExecutionProvider"])
     torch.manual_seed(1)
     x = torch.randn(1, 4, 16, 24, 32)  # dynamic spatial axes: not the 8^3 export shape
@@ -256,12 +255,12 @@ def test_unzipped_bundle_trains_and_infers_without_the_repository(real_case, tmp
     run("custom", "synthesize", "--output_dir", str(data), "--num_cases", "6", "--shape", "32,32,32")
     run("monai.bundle", "run", "training", "--config_file", "configs/train.json", "--dataset_dir", str(data),
         "--output_dir", str(runs), *_cli_overrides({"epochs": 1, "val_interval": 1, "patch_size": [32, 32, 32],
-                                                    "num_workers": 0, **SMALL}))
+                                                    "num_workers": 0, **NARROW_NETWORK}))
     checkpoint = runs / "models" / "model.pt"
     assert checkpoint.is_file() and (runs / "models" / "snapshot_epoch=1.pt").is_file()
 
     run("monai.bundle", "run", "--config_file", "configs/inference.json", "--dataset_dir", str(real_case.dir),
-        "--output_dir", str(predictions), *_cli_overrides({"checkpoints": [str(checkpoint)], "tta": 1, **SMALL}))
+        "--output_dir", str(predictions), *_cli_overrides({"checkpoints": [str(checkpoint)], "tta": 1, **NARROW_NETWORK}))
     written = sorted(p.name for p in predictions.glob("*.nii.gz"))
     assert written == [f"{real_case.case_id}.nii.gz"] and (predictions / "volumes.csv").is_file()
     reference = nib.load(real_case.images[0])

@@ -9,7 +9,7 @@ import torch
 from ignite.engine import Engine, Events
 from monai.bundle import ConfigWorkflow
 
-from conftest import CONFIG_DIR
+from conftest import CONFIG_DIR, NARROW_NETWORK
 from custom.checkpoints import EpochSnapshotSaver
 from custom.ensemble import SnapshotFlipEnsemble, plan_passes
 from custom.inference import FLIP_DIMS, CheckpointEnsemble, FlipTTAInferer, load_network
@@ -189,7 +189,7 @@ def test_evaluate_config_by_default_scores_the_last_snapshots_not_the_best_model
     # model.pt was selected on this fold's cases; by default evaluation must not even read it
     (output_dir / "models" / "model.pt").write_bytes(b"the best-validation model, selected on the scored fold")
     settings = {"dataset_dir": str(data), "output_dir": str(output_dir), "tta": 1, "num_folds": 3, "num_workers": 0,
-                "network_def#init_filters": 8, "network_def#blocks_down": [1, 1, 1, 1]}
+                **NARROW_NETWORK}
     configs = [str(CONFIG_DIR / "train.json"), str(CONFIG_DIR / "evaluate.json")]
     evaluation = ConfigWorkflow(config_file=configs, workflow_type=None, **settings)
     evaluation.initialize()
@@ -216,7 +216,7 @@ def _inference_workflow(dataset_dir, output_dir, checkpoint, **overrides):
         output_dir=str(output_dir),
         checkpoints=[str(checkpoint)],
         tta=1,
-        **{"network_def#init_filters": 8, "network_def#blocks_down": [1, 1, 1, 1]},
+        **NARROW_NETWORK,
         **overrides,
     )
     workflow.initialize()

@@ -9,20 +9,11 @@ import pytest
 import torch
 from monai.bundle import ConfigWorkflow
 
-from conftest import CONFIG_DIR
+from conftest import CONFIG_DIR, TINY_TRAINING
 from custom.metrics import evaluate_folder
 from custom.synthetic import case_files, synthesize
 
-TINY = {
-    "epochs": 1,
-    "val_interval": 1,
-    "patch_size": [32, 32, 32],
-    "num_workers": 0,
-    "num_folds": 3,
-    "cache": "none",
-    "network_def#init_filters": 8,
-    "network_def#blocks_down": [1, 1, 1, 1],
-}
+TINY = {**TINY_TRAINING, "cache": "none"}
 
 
 def test_brats2024_tree_trains_segments_and_scores_rc(tmp_path):

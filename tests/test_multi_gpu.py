@@ -17,22 +17,14 @@ import pytest
 import torch.distributed as dist
 from monai.bundle import ConfigParser
 
-from conftest import CONFIG_DIR, REPO_ROOT
+from conftest import CONFIG_DIR, REPO_ROOT, TINY_TRAINING
 from custom.data import load_datalist, training_files, validation_files
 from custom.synthetic import synthesize
 
 CONFIGS = [str(CONFIG_DIR / "train.json"), str(CONFIG_DIR / "multi_gpu_train.json")]
 # 7 cases in 3 folds: fold 0 validates on 3 cases (uneven over 2 ranks) and trains on 4 (2 per rank)
 NUM_CASES, NUM_FOLDS = 7, 3
-TINY = {
-    "epochs": 1,
-    "val_interval": 1,
-    "patch_size": [32, 32, 32],
-    "num_workers": 0,
-    "num_folds": NUM_FOLDS,
-    "network_def#init_filters": 8,
-    "network_def#blocks_down": [1, 1, 1, 1],
-}
+TINY = {**TINY_TRAINING, "num_folds": NUM_FOLDS}
 SHARD_LINE = re.compile(r"rank (\d+)/(\d+) (trained|validated) on (\d+) cases in epoch (\d+): ([^;\n]*)(?:; all ranks: (.*))?")
 
 

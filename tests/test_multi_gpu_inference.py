@@ -16,12 +16,11 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from conftest import CONFIG_DIR, REPO_ROOT
+from conftest import CONFIG_DIR, NARROW_NETWORK, REPO_ROOT
 from custom.network import CascadedUNet
 from custom.synthetic import case_files, synthesize
 
 pytestmark = pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()), reason="needs torch.distributed with Gloo")
-SMALL = {"network_def#init_filters": 8, "network_def#blocks_down": [1, 1, 1, 1]}
 ENV = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "OMP_NUM_THREADS": "1"}
 RANK_LINE = re.compile(r"^rank (\d)/2: (\d+) case\(s\): (.*)$", re.MULTILINE)
 
@@ -61,7 +60,7 @@ def test_two_ranks_split_the_cases_report_the_broken_one_and_resume(setup):
     t1c.write_bytes(t1c.read_bytes()[:2000])
     output_dir = root / "out"
     overrides = {"dataset_dir": str(broken), "output_dir": str(output_dir), "checkpoints": [str(checkpoint)],
-                 "tta": 2, **SMALL}
+                 "tta": 2, **NARROW_NETWORK}
     result = _command(["inference.json", "multi_gpu_inference.json"], overrides, 2)
     log = result.stdout + result.stderr
     assert result.returncode != 0, log[-4000:]  # a failed case: non-zero on every rank (torchrun reports it)
@@ -87,7 +86,7 @@ def test_gathered_metrics_equal_a_single_process(setup):
         output_dir = root / f"eval{processes}"
         configs = ["train.json", "evaluate.json"] + (["multi_gpu_evaluate.json"] if processes > 1 else [])
         overrides = {"dataset_dir": str(cases), "output_dir": str(output_dir), "checkpoints": [str(checkpoint)],
-                     "ensemble": "best", "num_folds": 2, "tta": 2, **SMALL}
+                     "ensemble": "best", "num_folds": 2, "tta": 2, **NARROW_NETWORK}
         result = _command(configs, overrides, processes)
         assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
         (csv_file,) = output_dir.glob("eval*/*.csv")

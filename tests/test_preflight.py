@@ -13,21 +13,12 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from conftest import CONFIG_DIR, REPO_ROOT
+from conftest import CONFIG_DIR, REPO_ROOT, TINY_TRAINING
 from custom.data import load_datalist
 from custom.lock import LOCK_NAME
 from custom.synthetic import case_files, synthesize
 
-TINY = {
-    "epochs": 1,
-    "val_interval": 1,
-    "patch_size": [32, 32, 32],
-    "num_workers": 0,
-    "num_folds": 2,
-    "cache": "none",
-    "network_def#init_filters": 8,
-    "network_def#blocks_down": [1, 1, 1, 1],
-}
+TINY = {**TINY_TRAINING, "num_folds": 2, "cache": "none"}
 ENV = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "OMP_NUM_THREADS": "1"}
 
 

@@ -11,19 +11,9 @@ import pytest
 import torch
 from monai.bundle import ConfigParser, ConfigWorkflow
 
-from conftest import CONFIG_DIR, REPO_ROOT
+from conftest import CONFIG_DIR, REPO_ROOT, TINY_TRAINING
 from custom.checkpoints import atomic_save, list_snapshots, load_state_dict
 from custom.synthetic import synthesize
-
-TINY = {
-    "epochs": 1,
-    "val_interval": 1,
-    "patch_size": [32, 32, 32],
-    "num_workers": 0,
-    "num_folds": 3,
-    "network_def#init_filters": 8,
-    "network_def#blocks_down": [1, 1, 1, 1],
-}
 
 
 @pytest.fixture(scope="module")
@@ -57,7 +47,7 @@ def test_train_one_epoch_then_evaluate(tiny_dataset, tmp_path):
         workflow_type="train",
         dataset_dir=str(tiny_dataset),
         output_dir=str(output_dir),
-        **TINY,
+        **TINY_TRAINING,
     )
     workflow.initialize()
     assert workflow.check_properties() == []  # MONAI's train workflow contract
@@ -80,7 +70,7 @@ def test_train_one_epoch_then_evaluate(tiny_dataset, tmp_path):
         dataset_dir=str(tiny_dataset),
         output_dir=str(output_dir),
         tta=2,
-        **TINY,
+        **TINY_TRAINING,
     )
     evaluation.initialize()
     evaluation.run()
@@ -92,7 +82,7 @@ def test_train_one_epoch_then_evaluate(tiny_dataset, tmp_path):
 
 
 def _train_command(dataset, output_dir, epochs):
-    overrides = {**TINY, "epochs": epochs, "dataset_dir": str(dataset), "output_dir": str(output_dir), "cache": "none"}
+    overrides = {**TINY_TRAINING, "epochs": epochs, "dataset_dir": str(dataset), "output_dir": str(output_dir), "cache": "none"}
     command = [sys.executable, "-m", "monai.bundle", "run", "training", "--config_file", str(CONFIG_DIR / "train.json")]
     for key, value in overrides.items():
         command += [f"--{key}", json.dumps(value) if not isinstance(value, str) else value]
