@@ -479,7 +479,8 @@ def evaluate_folder(
     ``label_scheme`` (``brats2018``, ``brats2023``, ``brats2024``; see ``custom.labels``) sets the labels of both
     (``et_label`` / ``ref_et_label`` still override the ET value). Without it, references with ET 3 are read as
     ``brats2024`` when one of them holds label 4 (resection cavity; the predictions too, unless ``et_label`` is
-    given), else as ``brats2023``; predictions default to ET 4. ``brats2024`` adds the ``rc`` columns.
+    given), else as ``brats2023``. Predictions without ``et_label`` use the references' ET value when all references
+    share one (what inference.json writes for that dataset), else 4. ``brats2024`` adds the ``rc`` columns.
     ``lesion_wise`` adds the lesion-wise columns (needs ``pip install -e .[brats]``; see the module docstring).
 
     Every reference case is evaluated or reported: a missing prediction, a shape / spacing / orientation
@@ -553,7 +554,11 @@ def _resolve_schemes(
     """The predictions' scheme and each reference's (see ``evaluate_folder``)."""
     if label_scheme:
         return get_scheme(label_scheme, et_label), {c: get_scheme(label_scheme, ref_et_label) for c in references}
-    pred_default = 4 if et_label is None else et_label
+    if et_label is None:  # predictions written by inference.json follow their dataset's convention
+        shared = {int(ref_et_label)} if ref_et_label is not None else {e for _, e in references.values() if e is not None}
+        pred_default = shared.pop() if len(shared) == 1 else 4
+    else:
+        pred_default = et_label
     ref_ets = {
         c: int(ref_et_label if ref_et_label is not None else (case_et if case_et is not None else pred_default))
         for c, (_, case_et) in references.items()

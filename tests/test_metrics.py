@@ -381,3 +381,18 @@ def test_evaluate_folder_with_the_real_discover_cases(labelled_case, real_pair, 
     # the reference was read with the ET label its naming implies (read with the prediction's, it would fail)
     assert row["dice_et"] == pytest.approx(case_metrics(p.pred, p.ref, p.spacing, p.pred_et, p.ref_et)["dice_et"])
     assert 0.0 < row["dice_et"] < 1.0
+
+
+def test_evaluate_folder_reads_predictions_in_the_references_convention(tmp_path):
+    """Inference writes ET 3 for a BraTS 2023 dataset: evaluating that folder needs no --et_label."""
+    import shutil
+
+    from custom.synthetic import case_files, synthesize
+
+    dataset, predictions = tmp_path / "data", tmp_path / "pred"
+    ids = synthesize(str(dataset), num_cases=2, shape=(32, 32, 32), seed=2, naming="2023")
+    predictions.mkdir()
+    for case_id in ids:
+        shutil.copy(case_files(dataset / case_id, "2023")["seg"], predictions / f"{case_id}.nii.gz")
+    table = evaluate_folder(str(predictions), str(dataset), str(tmp_path / "m.csv"))
+    assert [row["dice_et"] for row in table[: len(ids)]] == [1.0] * len(ids)
