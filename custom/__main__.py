@@ -9,20 +9,22 @@ from __future__ import annotations
 import functools
 import importlib
 
+from custom.core.errors import clean_exit
+
 # command -> (module, function): modules are imported only for the command that runs
 COMMANDS = {
-    "synthesize": ("custom.synthetic", "synthesize"),
-    "datalist": ("custom.data", "write_datalist"),
-    "evaluate": ("custom.metrics", "evaluate_folder"),
-    "visualize": ("custom.visualize", "visualize"),
-    "package": ("custom.package", "package"),
-    "benchmark": ("custom.benchmark", "benchmark"),
+    "synthesize": ("custom.data.synthetic", "synthesize"),
+    "datalist": ("custom.data.datalist", "write_datalist"),
+    "evaluate": ("custom.evaluation.metrics", "evaluate_folder"),
+    "visualize": ("custom.tools.visualize", "visualize"),
+    "package": ("custom.tools.package", "package"),
+    "benchmark": ("custom.tools.benchmark", "benchmark"),
 }
 
 
 def _command(module: str, function: str):
     """The function behind a command, returning nothing so that fire prints only what the command prints."""
-    target = getattr(importlib.import_module(module), function)
+    target = clean_exit(getattr(importlib.import_module(module), function))  # data problems: one message, exit 1
 
     @functools.wraps(target)
     def command(*args, **kwargs) -> None:

@@ -12,9 +12,9 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-import custom.benchmark as bench
-from custom.losses import CascadeDiceLoss
-from custom.network import CascadedUNet
+import custom.tools.benchmark as bench
+from custom.model.losses import CascadeDiceLoss
+from custom.model.network import CascadedUNet
 
 PATCH = 16
 TINY = dict(device="cpu", patch=PATCH, volume="16,16,16", tta=2, steps=2, workers=0, loader_cases=3)

@@ -16,8 +16,8 @@ import pytest
 import torch
 
 from conftest import CONFIG_DIR, NARROW_NETWORK, REPO_ROOT
-from custom.network import CascadedUNet
-from custom.package import BUNDLE_CONFIGS, bundle_files, default_output, package
+from custom.model.network import CascadedUNet
+from custom.tools.package import BUNDLE_CONFIGS, bundle_files, default_output, package
 
 BUNDLE_DIR = REPO_ROOT / "bundle"
 META_FILE = CONFIG_DIR / "metadata.json"
@@ -122,7 +122,7 @@ def test_ckpt_export_torchscript_equals_the_eager_network(small_checkpoint, tmp_
           "--use_trace", "True", *_cli_overrides(NARROW_NETWORK)])
     traced, meta, extra = load_net_with_metadata(str(exported), more_extra_files=["inference.json"])
     assert meta["network_data_format"]["outputs"]["pred"]["channel_def"] == {"0": "TC", "1": "WT", "2": "ET"}
-    assert json.loads(extra["inference.json"])["network_def"]["_target_"] == "custom.network.CascadedUNet"
+    assert json.loads(extra["inference.json"])["network_def"]["_target_"] == "custom.model.network.CascadedUNet"
     torch.manual_seed(1)
     x = torch.randn(1, 4, 16, 24, 32)  # not the 8^3 shape it was traced with
     with torch.no_grad():
@@ -217,9 +217,9 @@ inside = lambda p: os.path.realpath(p or os.getcwd()) == repo or os.path.realpat
 sys.path[:] = [os.getcwd()] + [p for p in sys.path if p and not inside(p)]
 sys.meta_path[:] = [f for f in sys.meta_path if "brats_cascaded_unet" not in (getattr(f, "__module__", "") or "")]
 if module == "--where":
-    import custom, custom.workflow
+    import custom, custom.training.workflow
     print("CUSTOM=" + os.path.realpath(custom.__file__))
-    print("BUNDLE_ROOT=" + os.path.realpath(custom.workflow.bundle_root()))
+    print("BUNDLE_ROOT=" + os.path.realpath(custom.core.runtime.bundle_root()))
 else:
     sys.argv = [module] + sys.argv[3:]
     runpy.run_module(module, run_name="__main__", alter_sys=True)

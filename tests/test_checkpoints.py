@@ -22,9 +22,9 @@ from monai.engines import SupervisedEvaluator, SupervisedTrainer
 from monai.handlers import ValidationHandler
 from monai.transforms import Compose, ShiftIntensityd
 
-import custom.package
+import custom.tools.package
 from conftest import CONFIG_DIR, REPO_ROOT
-from custom.checkpoints import (
+from custom.model.checkpoints import (
     PREVIOUS_RUNS,
     BestModelSaver,
     EpochSnapshotSaver,
@@ -32,13 +32,13 @@ from custom.checkpoints import (
     list_snapshots,
     load_state_dict,
 )
-from custom.data import load_datalist
-from custom.datasets import make_dataset
-from custom.ensemble import snapshot_sets
-from custom.inference import BratsPredictionWriter, load_network
-from custom.io import atomic_path, check_case_ids, safe_case_id
-from custom.network import CascadedUNet
-from custom.package import BUNDLE_CONFIGS, package
+from custom.data.datalist import load_datalist
+from custom.data.datasets import make_dataset
+from custom.inference.ensemble import snapshot_sets
+from custom.inference.inferer import BratsPredictionWriter, load_network
+from custom.core.io import atomic_path, check_case_ids, safe_case_id
+from custom.model.network import CascadedUNet
+from custom.tools.package import BUNDLE_CONFIGS, package
 
 SMALL = {"init_filters": 8, "blocks_down": (1, 1, 1, 1)}
 
@@ -121,7 +121,7 @@ def test_train_json_wires_the_evaluator_and_the_rank_into_the_checkpoint_handler
     assert resume.validator is evaluator and saver.validator is evaluator
     multi = ConfigParser()
     multi.read_config([str(CONFIG_DIR / "train.json"), str(CONFIG_DIR / "multi_gpu_train.json")])
-    assert multi["train#handlers#0#_target_"] == "custom.checkpoints.ResumeFromLatest"
+    assert multi["train#handlers#0#_target_"] == "custom.model.checkpoints.ResumeFromLatest"
     assert multi["train#handlers#0#rank"] == "@rank"  # only rank 0 moves files when a new run starts
 
 
@@ -220,7 +220,7 @@ def test_resume_skips_a_truncated_or_planted_snapshot_and_names_it(tmp_path, cap
     latest = tmp_path / "snapshot_epoch=3.pt"
     data = latest.read_bytes()
     latest.write_bytes(data[: len(data) // 2])  # a disk that filled up, a copy that stopped
-    with caplog.at_level(logging.INFO, logger="custom.checkpoints"):
+    with caplog.at_level(logging.INFO, logger="custom.model.checkpoints"):
         engine = _engine_run(tmp_path, epochs=3, resume=True, n_saved=3)
     assert f"snapshot {latest} cannot be loaded" in caplog.text  # the bad file is named ...
     assert f"resumed from {tmp_path / 'snapshot_epoch=2.pt'}" in caplog.text  # ... and the one before it used
@@ -230,7 +230,7 @@ def test_resume_skips_a_truncated_or_planted_snapshot_and_names_it(tmp_path, cap
     marker = tmp_path / "code_ran"
     torch.save({"model": {}, "trainer": PlantedCode(marker)}, latest)
     caplog.clear()
-    with caplog.at_level(logging.INFO, logger="custom.checkpoints"):
+    with caplog.at_level(logging.INFO, logger="custom.model.checkpoints"):
         engine = _engine_run(tmp_path, epochs=3, resume=True, n_saved=3)
     assert not marker.exists()  # weights_only=False ran the planted code
     assert f"snapshot {latest} cannot be loaded" in caplog.text and "snapshot_epoch=2.pt" in caplog.text
@@ -309,7 +309,7 @@ def test_package_ships_neither_extra_configs_nor_symbolic_links(tmp_path, monkey
     (bundle / "configs" / "extra.yaml").write_text("a: 1\n")
     (bundle / "docs" / "notes.md").symlink_to(private / "datalist.json")
     (bundle / "docs" / "private").symlink_to(private, target_is_directory=True)
-    monkeypatch.setattr(custom.package, "_bundle_dir", lambda: bundle)
+    monkeypatch.setattr(custom.tools.package, "_bundle_dir", lambda: bundle)
 
     zip_path = package(output=str(tmp_path / "bundle.zip"))
     with zipfile.ZipFile(zip_path) as archive:

@@ -11,8 +11,8 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from custom.data import testing_files as unlabeled_files  # not collected as a test
-from custom.data import (
+from custom.data.datalist import testing_files as unlabeled_files  # not collected as a test
+from custom.data.datalist import (
     SEQUENCES,
     discover_cases,
     load_datalist,
@@ -141,7 +141,7 @@ def test_flat_four_channel_folder(tmp_path, nifti_bytes, caplog):
     (tmp_path / "imagesTr" / "probs.nii.gz").write_bytes(nifti_bytes["4d_three.nii.gz"])  # not 4 channels
     (tmp_path / "imagesTr" / "._caseA.nii.gz").write_bytes(b"macOS resource fork")  # hidden: ignored
     (tmp_path / "labelsTr" / "other.nii.gz").write_bytes(nifti_bytes["3d.nii.gz"])  # no image: ignored
-    with caplog.at_level(logging.WARNING, logger="custom.data"):
+    with caplog.at_level(logging.WARNING, logger="custom.data.datalist"):
         cases = discover_cases(str(tmp_path))
     assert [c.case_id for c in cases] == ["caseA", "caseB", "caseC"]
     assert [len(c.images) for c in cases] == [1, 1, 1]
@@ -174,7 +174,7 @@ def test_incomplete_case_is_reported_not_dropped(tmp_path, nifti_bytes, caplog):
     assert "BraTS2021_00003: missing t1c, flair in " + str(tmp_path / "BraTS2021_00003") in msg
     assert "BraTS-GLI-00009-000: missing flair" in msg
     assert "allow_incomplete" in msg
-    with caplog.at_level(logging.WARNING, logger="custom.data"):
+    with caplog.at_level(logging.WARNING, logger="custom.data.datalist"):
         cases = discover_cases(str(tmp_path), allow_incomplete=True)
     assert [c.case_id for c in cases] == ["BraTS2021_00000"]
     assert "BraTS2021_00003" in caplog.text and "BraTS-GLI-00009-000" in caplog.text

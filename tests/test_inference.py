@@ -10,11 +10,11 @@ from ignite.engine import Engine, Events
 from monai.bundle import ConfigWorkflow
 
 from conftest import CONFIG_DIR, NARROW_NETWORK
-from custom.checkpoints import EpochSnapshotSaver
-from custom.ensemble import SnapshotFlipEnsemble, plan_passes
-from custom.inference import FLIP_DIMS, CheckpointEnsemble, FlipTTAInferer, load_network
-from custom.network import CascadedUNet
-from custom.synthetic import synthesize
+from custom.model.checkpoints import EpochSnapshotSaver
+from custom.inference.ensemble import SnapshotFlipEnsemble, plan_passes
+from custom.inference.inferer import FLIP_DIMS, CheckpointEnsemble, FlipTTAInferer, load_network
+from custom.model.network import CascadedUNet
+from custom.data.synthetic import synthesize
 
 SMALL = {"init_filters": 8, "blocks_down": (1, 1, 1, 1)}
 

@@ -10,8 +10,8 @@ import torch
 from monai.bundle import ConfigWorkflow
 
 from conftest import CONFIG_DIR, TINY_TRAINING
-from custom.metrics import evaluate_folder
-from custom.synthetic import case_files, synthesize
+from custom.evaluation.metrics import evaluate_folder
+from custom.data.synthetic import case_files, synthesize
 
 TINY = {**TINY_TRAINING, "cache": "none"}
 

@@ -1,4 +1,4 @@
-"""Tests of custom.labels: the three BraTS label schemes, detection, and the label <-> region conversions."""
+"""Tests of custom.core.labels: the three BraTS label schemes, detection, and the label <-> region conversions."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import torch
 from monai.data import MetaTensor
 from monai.transforms import ConvertToMultiChannelBasedOnBratsClassesd
 
-from custom.labels import (
+from custom.core.labels import (
     SCHEMES,
     LabelsToRegionsd,
     allowed_labels,

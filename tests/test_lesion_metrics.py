@@ -1,4 +1,4 @@
-"""Lesion-wise metrics (custom.metrics with brats-evaluation / panoptica) on hand-made volumes.
+"""Lesion-wise metrics (custom.evaluation.metrics with brats-evaluation / panoptica) on hand-made volumes.
 
 The conversion to the package's label convention and the mapping of its results run without the package; the
 tests that run it skip when the optional extra ``pip install -e .[brats]`` is not installed.
@@ -14,7 +14,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from custom.metrics import (
+from custom.evaluation.metrics import (
     BRATS_MAX_HD95,
     LESION_METRICS,
     case_metrics,

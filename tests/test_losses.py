@@ -2,7 +2,7 @@
 
 import torch
 
-from custom.losses import CascadeDiceLoss
+from custom.model.losses import CascadeDiceLoss
 
 
 def test_loss_equals_eq2_by_hand():

@@ -1,4 +1,4 @@
-"""Tests of custom.metrics: BraTS rules on hand-made volumes, a real BraTS case's segmentations, folder evaluation."""
+"""Tests of custom.evaluation.metrics: BraTS rules on hand-made volumes, a real BraTS case's segmentations, folder evaluation."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ import torch
 from scipy import ndimage
 
 from conftest import swap_et
-from custom.metrics import (
+from custom.evaluation.metrics import (
     BRATS_MAX_HD95,
     CSV_COLUMNS,
     REGIONS,
@@ -331,7 +331,7 @@ def test_evaluate_folder_wrong_et_label_is_a_reported_failure(real_pair, tmp_pat
 
 
 def test_evaluate_folder_dataset_reference_uses_the_case_et_label(real_pair, tmp_path, monkeypatch):
-    """A dataset folder goes through custom.data.discover_cases (stubbed here) and its per-case et_label."""
+    """A dataset folder goes through custom.data.datalist.discover_cases (stubbed here) and its per-case et_label."""
     p = real_pair
     calls = []
 
@@ -341,7 +341,7 @@ def test_evaluate_folder_dataset_reference_uses_the_case_et_label(real_pair, tmp
         unlabelled = types.SimpleNamespace(case_id="no-label", images={}, label=None, et_label=p.ref_et)
         return [case, unlabelled]
 
-    monkeypatch.setitem(sys.modules, "custom.data", types.SimpleNamespace(discover_cases=discover_cases))
+    monkeypatch.setitem(sys.modules, "custom.data.datalist", types.SimpleNamespace(discover_cases=discover_cases))
     pred_dir = tmp_path / "pred"
     pred_dir.mkdir()
     _link(p.pred_path, pred_dir / f"{p.case_id}.nii.gz")
@@ -357,7 +357,7 @@ def test_evaluate_folder_falls_back_to_flat_matching(real_pair, tmp_path, monkey
     def discover_cases(dataset_dir):
         raise FileNotFoundError("not a BraTS dataset folder")
 
-    monkeypatch.setitem(sys.modules, "custom.data", types.SimpleNamespace(discover_cases=discover_cases))
+    monkeypatch.setitem(sys.modules, "custom.data.datalist", types.SimpleNamespace(discover_cases=discover_cases))
     pred_dir, ref_dir = tmp_path / "pred", tmp_path / "ref"
     pred_dir.mkdir()
     ref_dir.mkdir()
@@ -369,9 +369,9 @@ def test_evaluate_folder_falls_back_to_flat_matching(real_pair, tmp_path, monkey
 
 
 def test_evaluate_folder_with_the_real_discover_cases(labelled_case, real_pair, tmp_path):
-    data_module = pytest.importorskip("custom.data", reason="custom.data (discover_cases) is not written yet")
+    data_module = pytest.importorskip("custom.data.datalist", reason="custom.data.datalist (discover_cases) is not written yet")
     if not hasattr(data_module, "discover_cases"):
-        pytest.skip("custom.data has no discover_cases yet")
+        pytest.skip("custom.data.datalist has no discover_cases yet")
     pred_dir = tmp_path / "pred"
     pred_dir.mkdir()
     p = real_pair
@@ -387,7 +387,7 @@ def test_evaluate_folder_reads_predictions_in_the_references_convention(tmp_path
     """Inference writes ET 3 for a BraTS 2023 dataset: evaluating that folder needs no --et_label."""
     import shutil
 
-    from custom.synthetic import case_files, synthesize
+    from custom.data.synthetic import case_files, synthesize
 
     dataset, predictions = tmp_path / "data", tmp_path / "pred"
     ids = synthesize(str(dataset), num_cases=2, shape=(32, 32, 32), seed=2, naming="2023")

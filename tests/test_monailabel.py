@@ -24,8 +24,8 @@ import pytest
 import torch
 
 from conftest import CONFIG_DIR
-from custom.network import CascadedUNet
-from custom.package import package
+from custom.model.network import CascadedUNet
+from custom.tools.package import package
 
 SMALL = {"init_filters": 8, "blocks_down": [1, 1, 1, 1]}  # a small cascade so that CPU inference takes seconds
 STARTUP_TIMEOUT, INFER_TIMEOUT = 180, 420

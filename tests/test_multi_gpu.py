@@ -18,8 +18,8 @@ import torch.distributed as dist
 from monai.bundle import ConfigParser
 
 from conftest import CONFIG_DIR, REPO_ROOT, TINY_TRAINING
-from custom.data import load_datalist, training_files, validation_files
-from custom.synthetic import synthesize
+from custom.data.datalist import load_datalist, training_files, validation_files
+from custom.data.synthetic import synthesize
 
 CONFIGS = [str(CONFIG_DIR / "train.json"), str(CONFIG_DIR / "multi_gpu_train.json")]
 # 7 cases in 3 folds: fold 0 validates on 3 cases (uneven over 2 ranks) and trains on 4 (2 per rank)
@@ -43,15 +43,15 @@ def test_rank_zero_overrides_point_at_the_intended_handlers():
         "train#handlers#3": "StatsHandler",
         "train#handlers#4": "TensorBoardStatsHandler",
         "train#handlers#5": "ignite.handlers.ProgressBar",
-        "train#handlers#6": "custom.checkpoints.EpochSnapshotSaver",
+        "train#handlers#6": "custom.model.checkpoints.EpochSnapshotSaver",
         "validate#handlers#0": "StatsHandler",
         "validate#handlers#1": "TensorBoardStatsHandler",
-        "validate#handlers#2": "custom.checkpoints.BestModelSaver",
+        "validate#handlers#2": "custom.model.checkpoints.BestModelSaver",
     }
     for key, target in expected.items():
         assert parser[f"{key}#_target_"] == target, f"{key} of train.json is no longer {target}: update multi_gpu_train.json"
-    assert parser["train#handlers"][-1]["_target_"] == "custom.distributed.ShardLogger"
-    assert parser["validate#handlers"][-1]["_target_"] == "custom.distributed.ShardLogger"
+    assert parser["train#handlers"][-1]["_target_"] == "custom.core.distributed.ShardLogger"
+    assert parser["validate#handlers"][-1]["_target_"] == "custom.core.distributed.ShardLogger"
     # train.json's own setup still runs first, the process group after it; teardown comes last
     assert parser["initialize"][0] == "$custom.check_monai_version()"
     assert "init_process_group" in " ".join(parser["initialize"][3:])

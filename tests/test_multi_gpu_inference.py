@@ -17,8 +17,8 @@ import torch
 import torch.distributed as dist
 
 from conftest import CONFIG_DIR, NARROW_NETWORK, REPO_ROOT
-from custom.network import CascadedUNet
-from custom.synthetic import case_files, synthesize
+from custom.model.network import CascadedUNet
+from custom.data.synthetic import case_files, synthesize
 
 pytestmark = pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()), reason="needs torch.distributed with Gloo")
 ENV = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "OMP_NUM_THREADS": "1"}

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from custom.network import CascadedUNet
+from custom.model.network import CascadedUNet
 
 
 def n_params(module: torch.nn.Module) -> int:

@@ -14,9 +14,9 @@ import numpy as np
 import pytest
 
 from conftest import CONFIG_DIR, REPO_ROOT, TINY_TRAINING
-from custom.data import load_datalist
-from custom.lock import LOCK_NAME
-from custom.synthetic import case_files, synthesize
+from custom.data.datalist import load_datalist
+from custom.core.lock import LOCK_NAME
+from custom.data.synthetic import case_files, synthesize
 
 TINY = {**TINY_TRAINING, "num_folds": 2, "cache": "none"}
 ENV = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "OMP_NUM_THREADS": "1"}

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from custom.schedule import WarmupPolyLR, warmup_poly_factor
+from custom.model.schedule import WarmupPolyLR, warmup_poly_factor
 
 
 def test_warmup_then_poly_values():

@@ -11,9 +11,9 @@ import torch
 from monai.bundle import ConfigParser
 
 from conftest import CONFIG_DIR
-from custom.inference import inference_files
-from custom.segment import QualityCheck, label_volumes, segment_cases, split_by_size
-from custom.synthetic import case_files, synthesize
+from custom.inference.inferer import inference_files
+from custom.inference.segment import QualityCheck, label_volumes, segment_cases, split_by_size
+from custom.data.synthetic import case_files, synthesize
 
 
 class ThresholdNet(torch.nn.Module):

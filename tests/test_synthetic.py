@@ -11,7 +11,7 @@ import pytest
 from scipy import ndimage
 
 from custom import synthetic
-from custom.synthetic import case_files, case_id, ensure_demo_data, synthesize, synthesize_case
+from custom.data.synthetic import case_files, case_id, ensure_demo_data, synthesize, synthesize_case
 
 SHAPE = (32, 32, 32)
 
@@ -211,7 +211,7 @@ def test_ensure_demo_data_never_touches_a_foreign_folder(tmp_path):
     out = tmp_path / "mine"
     (out / "BraTS2021_00000").mkdir(parents=True)
     (out / "notes.txt").write_text("user data")
-    with pytest.raises(RuntimeError, match="not written by custom.synthetic"):
+    with pytest.raises(RuntimeError, match="not written by custom.data.synthetic"):
         ensure_demo_data(str(out), 2, SHAPE)
     assert sorted(p.name for p in out.iterdir()) == ["BraTS2021_00000", "notes.txt"]
     # an existing empty folder is fine
@@ -244,7 +244,7 @@ def test_generation_is_fast():
 def test_2024_naming_adds_a_csf_like_resection_cavity_next_to_the_tumor(tmp_path):
     """Naming "2024" (label scheme brats2024): 2023 file names, labels 0-4 with RC 4 in every case, a dark hole on
     T1/FLAIR and bright on T2 (CSF contrasts) touching the tumor; the tumor itself is still there."""
-    from custom.labels import detect_label_scheme
+    from custom.core.labels import detect_label_scheme
 
     ids = synthesize(tmp_path, 3, SHAPE, seed=0, naming="2024")
     assert ids == [f"BraTS-GLI-{i:05d}-100" for i in range(3)]

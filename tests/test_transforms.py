@@ -4,7 +4,7 @@ import pytest
 import torch
 from monai.transforms import ConvertToMultiChannelBasedOnBratsClasses, LoadImaged
 
-from custom.transforms import EnsureSequenceChannelsd, regions_to_labels
+from custom.data.transforms import EnsureSequenceChannelsd, regions_to_labels
 
 
 @pytest.mark.parametrize("et_label", [4, 3])

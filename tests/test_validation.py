@@ -9,8 +9,8 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from custom.data import SEQUENCES
-from custom.validation import CaseProblem, check_datalist, format_problems, validate_entries
+from custom.data.datalist import SEQUENCES
+from custom.data.validation import CaseProblem, check_datalist, format_problems, validate_entries
 
 SHAPE = (12, 12, 10)
 
@@ -185,7 +185,7 @@ def test_check_datalist_raises_or_skips(tmp_path, caplog):
     msg = str(err.value)
     assert "bad1" in msg and bad1["label"] in msg and "bad2" in msg and bad2["image"][0] in msg
     assert "2 of 3 case(s)" in msg and "skip_invalid=true" in msg
-    with caplog.at_level(logging.WARNING, logger="custom.validation"):
+    with caplog.at_level(logging.WARNING, logger="custom.data.validation"):
         kept = check_datalist([good, bad1, bad2], et_label=4, skip_invalid=True)
     assert kept == [good]
     assert "bad1" in caplog.text and "bad2" in caplog.text

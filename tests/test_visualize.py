@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from custom import visualize as vis
-from custom.synthetic import synthesize
+from custom.data.synthetic import synthesize
 
 
 def _colour_fraction(png: np.ndarray, rgb, tol=0.12) -> float:

@@ -12,8 +12,8 @@ import torch
 from monai.bundle import ConfigParser, ConfigWorkflow
 
 from conftest import CONFIG_DIR, REPO_ROOT, TINY_TRAINING
-from custom.checkpoints import atomic_save, list_snapshots, load_state_dict
-from custom.synthetic import synthesize
+from custom.model.checkpoints import atomic_save, list_snapshots, load_state_dict
+from custom.data.synthetic import synthesize
 
 
 @pytest.fixture(scope="module")

@@ -14,11 +14,11 @@ from monai.data import MetaTensor
 from monai.inferers import Inferer
 from monai.transforms import MapTransform
 
-from custom.ensemble import FLIP_DIMS, SnapshotFlipEnsemble, snapshot_sets, sum_flipped_probabilities
-from custom.ensemble import load_weights as _load_weights
-from custom.io import atomic_path, safe_case_id
-from custom.data import case_id_from_path, discover_cases, implied_et_label, load_datalist
-from custom.labels import get_scheme, regions_to_labels
+from custom.inference.ensemble import FLIP_DIMS, SnapshotFlipEnsemble, snapshot_sets, sum_flipped_probabilities
+from custom.inference.ensemble import load_weights as _load_weights
+from custom.core.io import atomic_path, safe_case_id
+from custom.data.datalist import case_id_from_path, discover_cases, implied_et_label, load_datalist
+from custom.core.labels import get_scheme, regions_to_labels
 
 __all__ = [
     "FLIP_DIMS",
@@ -42,7 +42,7 @@ class FlipTTAInferer(Inferer):
     of flips. Returns probabilities (sigmoid by default), the quantity the paper averages over flips and models.
     ``base_inferer`` (e.g. ``SlidingWindowInferer``) replaces the whole-volume call for GPUs with little memory.
 
-    Given a ``custom.ensemble.SnapshotFlipEnsemble`` (inference.json's and evaluate.json's ``network``), it runs the
+    Given a ``custom.inference.ensemble.SnapshotFlipEnsemble`` (inference.json's and evaluate.json's ``network``), it runs the
     flips that the ensemble planned for each of its networks (e.g. the paper's snapshot ``i`` on flip ``i``) instead
     of ``num_flips`` flips of the whole ensemble; any other network (MONAI Label's, ``load_network``'s) gets
     ``num_flips`` flips.
@@ -104,7 +104,7 @@ def load_network(
 
     One checkpoint gives the network itself; several give a ``CheckpointEnsemble`` of copies. Every file is
     loaded (``weights_only=True``) and checked here, before any case is processed; errors name the file.
-    With ``FlipTTAInferer`` this is the ``all`` ensemble; the configs use ``custom.ensemble.SnapshotFlipEnsemble``,
+    With ``FlipTTAInferer`` this is the ``all`` ensemble; the configs use ``custom.inference.ensemble.SnapshotFlipEnsemble``,
     which also builds the paper's snapshot-flip ensemble and loads at the start of the run.
     """
     import copy
@@ -157,9 +157,9 @@ def _first(image: str | Sequence[str]) -> str:
 
 
 class RegionsToLabelsd(MapTransform):
-    """Dictionary wrapper of ``custom.labels.regions_to_labels``: TC, WT, ET (, RC) masks -> one BraTS label map
+    """Dictionary wrapper of ``custom.core.labels.regions_to_labels``: TC, WT, ET (, RC) masks -> one BraTS label map
     ``(1, H, W, D)`` uint8 of ``label_scheme`` (None: the scheme of ``et_label``, default ET 4; ``et_label`` overrides the
-    scheme's ET value as in ``custom.labels.get_scheme``). With ``brats2024``, RC outside the tumor is written 4."""
+    scheme's ET value as in ``custom.core.labels.get_scheme``). With ``brats2024``, RC outside the tumor is written 4."""
 
     def __init__(
         self, keys, et_label: int | None = None, et_threshold: int = 0, allow_missing_keys: bool = False,

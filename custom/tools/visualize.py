@@ -20,7 +20,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
-from custom.io import atomic_path
+from custom.core.io import atomic_path
 
 __all__ = ["visualize", "load_case", "SEQUENCE_NAMES", "main"]
 

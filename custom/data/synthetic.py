@@ -46,7 +46,7 @@ import nibabel as nib
 import numpy as np
 from scipy import ndimage
 
-from custom.io import atomic_path
+from custom.core.io import atomic_path
 
 __all__ = [
     "NAMINGS",
@@ -94,7 +94,7 @@ NAMINGS: dict[str, tuple[str, str, dict[str, str], int]] = {
 }
 #: namings whose cases have a resection cavity, and its label
 RC_LABELS = {"2024": 4}
-#: naming -> the label scheme of its labels (custom.labels)
+#: naming -> the label scheme of its labels (custom.core.labels)
 LABEL_SCHEMES = {"2020": "brats2018", "2021": "brats2018", "2023": "brats2023", "2024": "brats2024"}
 
 #: hidden file recording that a folder holds data written by this module, and with which parameters
@@ -343,7 +343,7 @@ def _case_rngs(seed: int, indices: Sequence[int]) -> dict[int, np.random.Generat
 
 def _params(shape, spacing, seed, naming) -> dict:
     return {
-        "generator": "custom.synthetic",
+        "generator": "custom.data.synthetic",
         "version": GENERATOR_VERSION,
         "naming": str(naming),
         "shape": list(shape),
@@ -480,7 +480,7 @@ def ensure_demo_data(
 
     if folder.exists() and any(folder.iterdir()) and marker is None:
         raise RuntimeError(
-            f"{folder} is not empty and was not written by custom.synthetic (no {MARKER}); it lacks "
+            f"{folder} is not empty and was not written by custom.data.synthetic (no {MARKER}); it lacks "
             f"{len(missing)} of the {num_cases} synthetic cases. Not touching it: pass another output_dir "
             "or delete the folder."
         )

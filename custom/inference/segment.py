@@ -38,10 +38,11 @@ import numpy as np
 import torch
 from monai.data import MetaTensor
 
-from custom.data import DataError, case_id_from_path
-from custom.distributed import rank_and_world_size
-from custom.io import atomic_path
-from custom.validation import check_headers
+from custom.core.errors import DataError
+from custom.core.naming import case_id_from_path
+from custom.core.distributed import rank_and_world_size
+from custom.core.io import atomic_path
+from custom.data.validation import check_headers
 
 __all__ = ["QualityCheck", "segment_cases", "label_volumes", "split_by_size", "SegmentationSummary"]
 

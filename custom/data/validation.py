@@ -29,8 +29,9 @@ from typing import Any
 import nibabel as nib
 import numpy as np
 
-from .data import SEQUENCES, DataError
-from .labels import allowed_labels, distinct_values
+from custom.core.errors import CaseProblem, DataError, format_problems
+from custom.core.labels import allowed_labels, distinct_values
+from custom.core.naming import SEQUENCES
 
 __all__ = [
     "CaseProblem",
@@ -52,22 +53,6 @@ _N = len(SEQUENCES)
 _EXPECTED = "4 sequence files (T1, T1c, T2, FLAIR) or one 4-channel file of shape (X, Y, Z, 4) or (4, X, Y, Z)"
 _REGRID = "resample/co-register all sequences and the label onto one grid (same shape and affine)"
 _RC_LABEL = 4  # resection cavity in BraTS 2024+ post-treatment glioma data (with ET = 3)
-
-
-@dataclass(frozen=True)
-class CaseProblem:
-    """One problem of one file of one case, and what to do about it. ``severity`` is ``"error"`` (the case cannot
-    be used) or ``"warning"`` (it is used, but the result deserves a look)."""
-
-    case_id: str
-    file: str
-    problem: str
-    fix: str
-    severity: str = "error"
-
-    def __str__(self) -> str:
-        tag = "warning: " if self.severity == "warning" else ""
-        return f"{self.case_id}: {self.file}: {tag}{self.problem} -> {self.fix}"
 
 
 @dataclass
@@ -341,11 +326,6 @@ def validate_entries(
     """Every problem of every entry (an empty list when all are usable)."""
     reports = preflight(entries, et_label=int(et_label), check_labels=check_labels, affine_tolerance=affine_tolerance, **kwargs)
     return [p for report in reports for p in report.problems]
-
-
-def format_problems(problems: Iterable[CaseProblem]) -> str:
-    """One line per problem: ``<case_id>: <file>: <problem> -> <fix>``."""
-    return "\n".join(str(p) for p in problems)
 
 
 def _et_message(et_label: int, n_labeled: int, other_count: int) -> str:

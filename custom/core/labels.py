@@ -30,6 +30,7 @@ __all__ = [
     "LabelScheme",
     "SCHEMES",
     "DEFAULT_SCHEME",
+    "ET_LABELS",
     "get_scheme",
     "scheme_for_et_label",
     "allowed_labels",
@@ -81,6 +82,7 @@ SCHEMES: dict[str, LabelScheme] = {
     s.name: s for s in (_scheme("brats2018", 4, None), _scheme("brats2023", 3, None), _scheme("brats2024", 3, 4))
 }
 DEFAULT_SCHEME = "brats2018"  # the paper's data (BraTS 2019)
+ET_LABELS = tuple(sorted({s.et_label for s in SCHEMES.values()}))  # (3, 4)
 
 
 def get_scheme(label_scheme: str | LabelScheme | None = None, et_label: int | None = None) -> LabelScheme:
@@ -118,7 +120,7 @@ def scheme_for_et_label(et_label: int) -> LabelScheme:
         value = int(et_label)
     except (TypeError, ValueError):
         value = None
-    if isinstance(et_label, bool) or value not in (3, 4):
+    if isinstance(et_label, bool) or value not in ET_LABELS:
         raise ValueError(f"et_label must be 4 (BraTS 2018-2021 labels) or 3 (BraTS 2023+ labels), got {et_label!r}")
     return SCHEMES["brats2018" if value == 4 else "brats2023"]
 

@@ -3,7 +3,7 @@ plus the lesion-wise metrics of the BraTS 2023+ rankings through the official ``
 
 Regions (from a label map; ``et`` is 4 for BraTS 2018-2021 and 3 for BraTS 2023+, and a prediction and its
 reference may use different conventions, hence the separate ``pred_et_label`` / ``ref_et_label``; the label
-schemes are defined in ``custom.labels``):
+schemes are defined in ``custom.core.labels``):
 
 - whole tumor ``wt`` = labels {1, 2, et}; tumor core ``tc`` = {1, et}; enhancing tumor ``et`` = {et};
 - with ``label_scheme="brats2024"`` (labels 1, 2, 3 and resection cavity 4) also ``rc`` = {4}.
@@ -72,9 +72,9 @@ import torch
 from monai.metrics import compute_dice
 from monai.metrics.utils import get_mask_edges, get_surface_distance
 
-from custom.distributed import rank_and_world_size
-from custom.io import atomic_path
-from custom.labels import LabelScheme, detect_label_scheme, get_scheme, scheme_for_et_label
+from custom.core.distributed import rank_and_world_size
+from custom.core.io import atomic_path
+from custom.core.labels import LabelScheme, detect_label_scheme, get_scheme, scheme_for_et_label
 
 __all__ = [
     "REGIONS",
@@ -417,11 +417,11 @@ def _flat_references(ref_dir: Path) -> dict[str, Path]:
 
 
 def _dataset_references(ref_dir: Path) -> tuple[dict[str, tuple[Path, int | None]], str]:
-    """References of a BraTS dataset folder through ``custom.data.discover_cases``; empty when unusable."""
+    """References of a BraTS dataset folder through ``custom.data.datalist.discover_cases``; empty when unusable."""
     try:
-        from custom.data import discover_cases  # imported lazily: evaluation works without it
+        from custom.data.datalist import discover_cases  # imported lazily: evaluation works without it
     except ImportError as e:
-        return {}, f"custom.data.discover_cases unavailable ({e})"
+        return {}, f"custom.data.datalist.discover_cases unavailable ({e})"
     try:
         cases = discover_cases(str(ref_dir))
     except Exception as e:  # not a dataset folder (e.g. a flat folder of labels): fall back to flat matching
@@ -471,12 +471,12 @@ def evaluate_folder(
 ) -> list[dict]:
     """Evaluate the predictions ``<pred_dir>/<case_id>.nii.gz`` (or ``.nii``) against the references of ``ref_dir``.
 
-    ``ref_dir`` is a BraTS dataset folder (cases found with ``custom.data.discover_cases``, label files and their
+    ``ref_dir`` is a BraTS dataset folder (cases found with ``custom.data.datalist.discover_cases``, label files and their
     ET convention taken from it) or a flat folder of ``<case_id>.nii.gz`` label maps. ``et_label`` is the ET value
     of the predictions; ``ref_et_label`` that of the references (None: the dataset's own, or ``et_label`` for a
     flat folder). Spacing comes from the reference header.
 
-    ``label_scheme`` (``brats2018``, ``brats2023``, ``brats2024``; see ``custom.labels``) sets the labels of both
+    ``label_scheme`` (``brats2018``, ``brats2023``, ``brats2024``; see ``custom.core.labels``) sets the labels of both
     (``et_label`` / ``ref_et_label`` still override the ET value). Without it, references with ET 3 are read as
     ``brats2024`` when one of them holds label 4 (resection cavity; the predictions too, unless ``et_label`` is
     given), else as ``brats2023``. Predictions without ``et_label`` use the references' ET value when all references

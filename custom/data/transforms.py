@@ -65,9 +65,9 @@ def regions_to_labels(
     TC -> 1 (necrosis / non-enhancing core), ET -> ``et_label``; a voxel the independent sigmoids put in an inner
     region but not in the outer one counts as in both (the union keeps the nesting). When the case's ET volume is below ``et_threshold``
     voxels, the ET voxels become label 1 (the paper's post-processing: tiny ET predictions are usually
-    false positives in LGG cases, where an empty ET scores Dice 1). ``custom.labels.regions_to_labels`` is the
+    false positives in LGG cases, where an empty ET scores Dice 1). ``custom.core.labels.regions_to_labels`` is the
     same for any label scheme (with RC).
     """
-    from custom.labels import regions_to_labels as scheme_regions_to_labels  # the one implementation
+    from custom.core.labels import regions_to_labels as scheme_regions_to_labels  # the one implementation
 
     return scheme_regions_to_labels(regions, et_label=et_label, et_threshold=et_threshold)

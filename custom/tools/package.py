@@ -22,7 +22,7 @@ import os
 import zipfile
 from pathlib import Path
 
-from custom.io import atomic_path
+from custom.core.io import atomic_path
 
 __all__ = ["package", "bundle_files", "default_output", "BUNDLE_CONFIGS"]
 
@@ -45,12 +45,12 @@ ZIP_DATE = (1980, 1, 1, 0, 0, 0)  # fixed timestamps: the same sources give the 
 
 
 def _package_dir() -> Path:
-    return Path(__file__).resolve().parent
+    return Path(__file__).resolve().parents[1]  # custom/tools/ -> custom/
 
 
 def _bundle_dir() -> Path:
     """The bundle folder (``configs/`` inside): ``bundle/`` of the repository, or the unpacked bundle itself."""
-    from custom.workflow import bundle_root
+    from custom.training.workflow import bundle_root
 
     root = Path(bundle_root()).resolve()
     if not (root / "configs" / "metadata.json").is_file():
@@ -142,7 +142,7 @@ def _check_weights(bundle_dir: Path, weights: Path) -> None:
     """The weights must load strictly into ``network_def`` of configs/inference.json, as the bundle's users will load them."""
     from monai.bundle import ConfigParser
 
-    from custom.checkpoints import load_state_dict
+    from custom.model.checkpoints import load_state_dict
 
     parser = ConfigParser()
     parser.read_config(str(bundle_dir / "configs" / "inference.json"))
@@ -205,7 +205,7 @@ def package(
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m custom.package``: the same as ``python -m custom package``."""
+    """``python -m custom.tools.package``: the same as ``python -m custom package``."""
     import argparse
 
     parser = argparse.ArgumentParser(prog="python -m custom package", description=package.__doc__.splitlines()[0])

@@ -28,7 +28,10 @@ from typing import Any
 import nibabel as nib
 import numpy as np
 
-from custom.io import atomic_path, check_case_ids
+from custom.core.errors import DataError
+from custom.core.labels import ET_LABELS
+from custom.core.io import atomic_path, check_case_ids
+from custom.core.naming import NAMINGS_LOOKED_FOR, SEQUENCES, case_id_from_path, is_four_channel, nifti_stem, parse_stem, sequence_name
 
 __all__ = [
     "SEQUENCES",
@@ -51,43 +54,6 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 
-class DataError(SystemExit):
-    """A problem with the user's data: ends the command with exit status 1 and the message as the last thing on the
-    terminal, without a traceback. It is a ``SystemExit`` so that it passes through MONAI's config evaluation, which
-    wraps every ``Exception`` in a ``RuntimeError``; library functions raise ``ValueError`` instead."""
-
-    def __init__(self, message: str) -> None:
-        super().__init__(message)
-        self.message = message
-
-    def __str__(self) -> str:
-        return self.message
-
-
-SEQUENCES = ("t1", "t1c", "t2", "flair")
-"""Channel order of the network input: T1, T1c (T1Gd), T2, FLAIR."""
-
-# file-name suffix -> sequence name (or "label"); 2018-2021 underscore naming and 2023+ dash naming
-_UNDERSCORE_SUFFIXES = {
-    "t1": "t1",
-    "t1ce": "t1c",
-    "t1c": "t1c",
-    "t1gd": "t1c",
-    "t2": "t2",
-    "flair": "flair",
-    "seg": "label",
-}
-_DASH_SUFFIXES = {"t1n": "t1", "t1c": "t1c", "t2w": "t2", "t2f": "flair", "seg": "label"}
-_DASH_RE = re.compile(r"^(?P<case>.+)-(?P<suffix>t1n|t1c|t2w|t2f|seg)$", re.IGNORECASE)
-_UNDERSCORE_RE = re.compile(r"^(?P<case>.+)_(?P<suffix>t1|t1ce|t1c|t1gd|t2|flair|seg)$", re.IGNORECASE)
-_ET_LABELS = (3, 4)
-_LOOKED_FOR = (
-    "<case>/<case>_{t1,t1ce,t2,flair}.nii.gz with optional <case>_seg.nii.gz (BraTS 2018-2021 naming, "
-    "HGG/LGG folders optional), <case>/<case>-{t1n,t1c,t2w,t2f}.nii.gz with optional <case>-seg.nii.gz "
-    "(BraTS 2023+ naming), or single 4-channel files <case>.nii.gz (T1, T1c, T2, FLAIR); .nii also accepted"
-)
-
-
 @dataclass
 class BratsCase:
     """One case found on disk.
@@ -104,16 +70,6 @@ class BratsCase:
     group: str | None = None
 
 
-def _nifti_stem(name: str) -> str | None:
-    """File name without ``.nii.gz``/``.nii``, or None for anything else."""
-    lower = name.lower()
-    if lower.endswith(".nii.gz"):
-        return name[: -len(".nii.gz")]
-    if lower.endswith(".nii"):
-        return name[: -len(".nii")]
-    return None
-
-
 def _walk_nifti(root: Path):
     """Yield every NIfTI file under ``root`` (following symbolic links once), in a deterministic order."""
     seen: set[str] = set()
@@ -127,7 +83,7 @@ def _walk_nifti(root: Path):
         for name in sorted(filenames):
             if name.startswith("."):  # hidden files, macOS "._" resource forks shipped in BraTS archives
                 continue
-            stem = _nifti_stem(name)
+            stem = nifti_stem(name)
             if stem is not None:
                 yield Path(dirpath) / name, stem
 
@@ -147,10 +103,6 @@ def _header_shape(path: Path) -> tuple[int, ...] | None:
     except Exception as e:  # noqa: BLE001 - any unreadable file is reported, not fatal for discovery
         logger.warning("skipping %s: not a readable NIfTI header (%s)", path, e)
         return None
-
-
-def _is_four_channel(shape: tuple[int, ...]) -> bool:
-    return len(shape) == 4 and (shape[-1] == len(SEQUENCES) or shape[0] == len(SEQUENCES))
 
 
 def discover_cases(
@@ -185,13 +137,9 @@ def discover_cases(
         naming.setdefault(case_id, et_label)
 
     for path, stem in _walk_nifti(root):
-        m = _DASH_RE.match(stem)
-        if m:
-            put(m["case"], _DASH_SUFFIXES[m["suffix"].lower()], path, 3)
-            continue
-        m = _UNDERSCORE_RE.match(stem)
-        if m:
-            put(m["case"], _UNDERSCORE_SUFFIXES[m["suffix"].lower()], path, 4)
+        parsed = parse_stem(stem)
+        if parsed:
+            put(*parsed[:2], path, parsed[2])
             continue
         unmatched.append((path, stem))
 
@@ -201,7 +149,7 @@ def discover_cases(
         shape = _header_shape(path)
         if shape is None:
             continue
-        if _is_four_channel(shape):
+        if is_four_channel(shape):
             put(stem, "image4d", path, 4)
         elif len(shape) == 3 or (len(shape) == 4 and shape[-1] == 1):
             label_candidates.append((path, stem))
@@ -260,7 +208,7 @@ def discover_cases(
         if incomplete_cases is None:  # otherwise the caller reports them (pre-flight, inference summary)
             logger.warning("skipping %d incomplete case(s):\n  %s", len(incomplete), "\n  ".join(incomplete))
     if not cases:
-        raise ValueError(f"no BraTS cases found under {root}; looked for {_LOOKED_FOR}")
+        raise ValueError(f"no BraTS cases found under {root}; looked for {NAMINGS_LOOKED_FOR}")
     return cases
 
 
@@ -269,7 +217,7 @@ def _check_et_label(et_label: Any) -> int:
         value = int(et_label)
     except (TypeError, ValueError):
         value = None
-    if value not in _ET_LABELS or isinstance(et_label, bool):
+    if value not in ET_LABELS or isinstance(et_label, bool):
         raise ValueError(f"et_label must be 4 (BraTS 2018-2021 labels) or 3 (BraTS 2023+ labels), got {et_label!r}")
     return value
 
@@ -397,8 +345,8 @@ def _check_all(datalist: dict, num_workers: int) -> None:
     """The pre-flight of every case of ``datalist``, timed; ``DataError`` listing the problems."""
     import time
 
-    from custom.labels import resolve_label_scheme
-    from custom.validation import format_problems, preflight
+    from custom.core.labels import resolve_label_scheme
+    from custom.data.validation import format_problems, preflight
 
     entries = datalist["training"] + datalist["testing"] + datalist.get("incomplete", [])
     scheme = resolve_label_scheme(datalist)
@@ -416,19 +364,6 @@ def _check_all(datalist: dict, num_workers: int) -> None:
         raise DataError(format_problems(problems))
     if problems:
         print(format_problems(problems))
-
-
-_SEQUENCE_ALIASES = {
-    "t1": "t1",
-    "t1n": "t1",
-    "t1c": "t1c",
-    "t1ce": "t1c",
-    "t1gd": "t1c",
-    "t2": "t2",
-    "t2w": "t2",
-    "flair": "flair",
-    "t2f": "flair",
-}
 
 
 def _resolve(path: Any, base: Path, where: str) -> str:
@@ -449,7 +384,7 @@ def _normalise_entry(item: Any, base: Path, where: str) -> dict:
     if isinstance(image, dict):  # keyed by sequence name: {"t1": ..., "t1c": ..., "t2": ..., "flair": ...}
         keyed = {}
         for key, value in image.items():
-            name = _SEQUENCE_ALIASES.get(str(key).lower())
+            name = sequence_name(key)
             if name is None:
                 raise ValueError(f"{where}: unknown sequence name {key!r}; use {', '.join(SEQUENCES)}")
             keyed[name] = value
@@ -467,19 +402,10 @@ def _normalise_entry(item: Any, base: Path, where: str) -> dict:
     return entry
 
 
-def case_id_from_path(path: str) -> str:
-    stem = _nifti_stem(Path(path).name) or Path(path).stem
-    for pattern in (_DASH_RE, _UNDERSCORE_RE):
-        m = pattern.match(stem)
-        if m:
-            return m["case"]
-    return stem
-
-
 def implied_et_label(entries: list[dict]) -> int:
     """3 when every image file uses the BraTS 2023+ dash naming, else 4."""
-    stems = [_nifti_stem(Path(p).name) or "" for e in entries for p in e["image"]]
-    return 3 if stems and all(_DASH_RE.match(s) for s in stems) else 4
+    stems = [nifti_stem(Path(p).name) or "" for e in entries for p in e["image"]]
+    return 3 if stems and all((parse_stem(s) or (None, None, 4))[2] == 3 for s in stems) else 4
 
 
 def require_dataset(source: str) -> str:
@@ -533,7 +459,7 @@ def load_datalist(
     if path.suffix.lower() != ".json":
         raise ValueError(
             f"dataset_dir {str(path)!r} is a file but not a datalist JSON; give the folder of BraTS cases or a .json "
-            "datalist (write one with custom.data.write_datalist)"
+            "datalist (write one with custom.data.datalist.write_datalist)"
         )
     try:
         raw = json.loads(path.read_text())

@@ -15,17 +15,13 @@ import os
 import socket
 import time
 
-from custom.data import DataError
+from custom.core.errors import OutputDirLocked
 
 __all__ = ["lock_output_dir", "release_output_dir", "OutputDirLocked"]
 
 logger = logging.getLogger(__name__)
 LOCK_NAME = ".lock"
 _held: dict[str, int] = {}  # real path of a locked folder -> open file descriptor (re-entrant within a process)
-
-
-class OutputDirLocked(DataError):
-    """Another live process is writing into the same ``output_dir``: a clean exit with its PID."""
 
 
 def _holder(path: str) -> dict:

@@ -27,7 +27,7 @@ from collections.abc import Callable, Sequence
 import torch
 from monai.data import MetaTensor
 
-from custom.checkpoints import BEST_MODEL, SNAPSHOT_PATTERN, TRAINING_ONLY, list_snapshots, load_state_dict
+from custom.model.checkpoints import BEST_MODEL, SNAPSHOT_PATTERN, TRAINING_ONLY, list_snapshots, load_state_dict
 
 __all__ = [
     "FLIP_DIMS",

@@ -13,7 +13,7 @@ Prints one JSON line per measurement (and appends them to ``--output``):
     one whole case as ``inference.json`` runs it: the brain's bounding-box crop of ``--volume`` (a synthetic
     ellipsoidal brain with the bounding-box proportions of the BraTS 2023 case BraTS-GLI-00001-000), or of a real
     case with ``--case DIR`` (the folder of one BraTS case, any naming) through the bundle's own preprocessing;
-    one checkpoint of random weights loaded with ``custom.inference.load_network``, ``FlipTTAInferer`` with
+    one checkpoint of random weights loaded with ``custom.inference.inferer.load_network``, ``FlipTTAInferer`` with
     ``--tta`` flips in chunks of ``--tta_chunk``; eager and compiled. The anchor runs the same number of flips in
     a plain loop on the full (not cropped) volume, as the anchor bundle does; ``infer_case_ratio`` gives
     cascade/anchor.
@@ -365,7 +365,7 @@ def _inference_inputs(volume, case: str | None, seed: int) -> dict:
     preprocessing = _config("inference.json").get_parsed_content("preprocessing")
     start = time.perf_counter()
     if case:
-        from custom.inference import inference_files
+        from custom.inference.inferer import inference_files
 
         entries = [e for e in inference_files(case) if e["image"]]
         if not entries:
@@ -401,8 +401,8 @@ def _inference_inputs(volume, case: str | None, seed: int) -> dict:
 
 def _infer_cascade(mode: str, inputs: dict, tta: int, tta_chunk, steps: int, warmup: int, device: torch.device,
                    amp: bool) -> dict:
-    from custom.ensemble import flip_chunk_size
-    from custom.inference import FlipTTAInferer, load_network
+    from custom.inference.ensemble import flip_chunk_size
+    from custom.inference.inferer import FlipTTAInferer, load_network
 
     memory = _PeakMemory(device)
     parser = _config("inference.json")
@@ -429,7 +429,7 @@ def _infer_cascade(mode: str, inputs: dict, tta: int, tta_chunk, steps: int, war
 
 
 def _infer_anchor(inputs: dict, tta: int, steps: int, warmup: int, device: torch.device, amp: bool) -> dict:
-    from custom.inference import FLIP_DIMS
+    from custom.inference.inferer import FLIP_DIMS
 
     memory = _PeakMemory(device)
     network = anchor_network().to(device).eval()
@@ -455,7 +455,7 @@ def _infer_anchor(inputs: dict, tta: int, steps: int, warmup: int, device: torch
 def _loader(volume, patch, workers: int, num_cases: int, min_samples: int, seed: int) -> dict:
     """Samples/s of train.json's train dataloader over synthetic cases, memory cache, ``workers`` workers; times
     ``max(min_samples, training cases)`` samples after the first (which carries the workers' start-up)."""
-    from custom.synthetic import synthesize
+    from custom.data.synthetic import synthesize
 
     with tempfile.TemporaryDirectory() as tmp:
         start = time.perf_counter()
@@ -549,7 +549,7 @@ def benchmark(
 
     Returns the records (also printed).
     """
-    from custom.workflow import resolve_device
+    from custom.training.workflow import resolve_device
 
     out = sys.stdout  # the JSON lines; everything else the libraries print goes to stderr
     device = resolve_device(device)

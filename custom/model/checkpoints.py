@@ -22,7 +22,7 @@ import torch
 from ignite.engine import Engine, Events
 from ignite.handlers import Checkpoint
 
-from custom.io import atomic_path
+from custom.core.io import atomic_path
 
 __all__ = [
     "atomic_save",

@@ -1,0 +1,23 @@
+"""The functions the bundle's configs call: each is a library function behind ``clean_exit``, so that a problem
+with the user's data ends ``python -m monai.bundle run`` with one message and exit status 1 (no traceback).
+
+Nothing in the library imports this module; it is the boundary between the library and the command line.
+"""
+
+from __future__ import annotations
+
+from custom.core import lock
+from custom.core.errors import clean_exit
+from custom.data import datalist, validation
+from custom.evaluation import metrics
+from custom.inference import segment
+
+__all__ = ["require_dataset", "dataset_datalist", "preflight_datalist", "lock_output_dir", "release_output_dir", "segment_cases", "evaluate_entries"]
+
+require_dataset = clean_exit(datalist.require_dataset)
+dataset_datalist = clean_exit(datalist.dataset_datalist)
+preflight_datalist = clean_exit(validation.preflight_datalist)
+lock_output_dir = clean_exit(lock.lock_output_dir)
+release_output_dir = lock.release_output_dir
+segment_cases = clean_exit(segment.segment_cases)
+evaluate_entries = clean_exit(metrics.evaluate_entries)
