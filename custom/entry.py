@@ -15,8 +15,17 @@ from custom.inference import segment
 __all__ = ["require_dataset", "dataset_datalist", "preflight_datalist", "lock_output_dir", "release_output_dir", "segment_cases", "evaluate_entries"]
 
 require_dataset = clean_exit(datalist.require_dataset)
-dataset_datalist = clean_exit(datalist.dataset_datalist)
 preflight_datalist = clean_exit(validation.preflight_datalist)
+
+
+@clean_exit
+def dataset_datalist(source: str, folds: int = 5, seed: int = 0) -> dict:
+    """The datalist of a training or evaluation config: incomplete cases kept for the pre-flight to report, and an
+    empty datalist while ``source`` does not exist, so that a config can be inspected before a dataset is given
+    (the run's ``require_dataset`` then says what is missing)."""
+    return datalist.load_datalist(source, folds=folds, seed=seed, allow_incomplete=True, missing_ok=True)
+
+
 lock_output_dir = clean_exit(lock.lock_output_dir)
 release_output_dir = lock.release_output_dir
 segment_cases = clean_exit(segment.segment_cases)

@@ -35,7 +35,7 @@ HOW_TO_ENABLE = (
 
 @dataclass(frozen=True)
 class RealCase:
-    """The case ``BRATS_TEST_CASE`` points at, as ``custom.data.datalist.discover_cases`` reads it."""
+    """The case ``BRATS_TEST_CASE`` points at, as ``custom.data.discovery.discover_cases`` reads it."""
 
     dir: Path  # the folder holding its files
     case_id: str
@@ -53,7 +53,7 @@ class Segmentation:
 def _load_real_case(folder: str) -> RealCase:
     """The one case under ``folder``. A set variable that leads to no usable case fails the tests that use it: a skip
     would hide the mistake (in CI, the real-data tests would silently stop running)."""
-    from custom.data.datalist import discover_cases
+    from custom.data.discovery import discover_cases
 
     where = f"{CASE_VARIABLE}={folder!r}"
     try:

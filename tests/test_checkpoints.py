@@ -330,7 +330,7 @@ def test_every_tracked_config_of_the_repository_is_a_bundle_config():
     except (OSError, subprocess.CalledProcessError):
         pytest.skip("not a git checkout")
     missing = sorted({os.path.basename(p) for p in tracked} - set(BUNDLE_CONFIGS))
-    assert not missing, f"add {missing} to BUNDLE_CONFIGS of custom/package.py, or they are left out of the zip"
+    assert not missing, f"add {missing} to BUNDLE_CONFIGS of custom/tools/package.py, or they are left out of the zip"
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""Discovery of BraTS layouts, datalists and folds (custom/data.py), on tiny synthetic NIfTI and the real case."""
+"""Discovery of BraTS layouts, datalists and folds (custom/data/discovery.py, custom/data/datalist.py), on tiny synthetic NIfTI and the real case."""
 
 from __future__ import annotations
 
@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 
 from custom.data.datalist import testing_files as unlabeled_files  # not collected as a test
+from custom.data.discovery import discover_cases
+from custom.core.naming import SEQUENCES
 from custom.data.datalist import (
-    SEQUENCES,
-    discover_cases,
     load_datalist,
     make_datalist,
     resolve_et_label,

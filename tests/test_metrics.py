@@ -331,7 +331,7 @@ def test_evaluate_folder_wrong_et_label_is_a_reported_failure(real_pair, tmp_pat
 
 
 def test_evaluate_folder_dataset_reference_uses_the_case_et_label(real_pair, tmp_path, monkeypatch):
-    """A dataset folder goes through custom.data.datalist.discover_cases (stubbed here) and its per-case et_label."""
+    """A dataset folder goes through custom.data.discovery.discover_cases (stubbed here) and its per-case et_label."""
     p = real_pair
     calls = []
 

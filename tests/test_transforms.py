@@ -4,7 +4,8 @@ import pytest
 import torch
 from monai.transforms import ConvertToMultiChannelBasedOnBratsClasses, LoadImaged
 
-from custom.data.transforms import EnsureSequenceChannelsd, regions_to_labels
+from custom.core.labels import regions_to_labels
+from custom.data.transforms import EnsureSequenceChannelsd
 
 
 @pytest.mark.parametrize("et_label", [4, 3])
@@ -23,19 +24,19 @@ def test_regions_to_labels_and_et_threshold(et_label):
     regions[0, 0, :2] = True  # TC
     regions[2, 0, 0, :2] = True  # ET: 2 voxels inside TC
     regions[2, 3, 3, 3] = True  # ET outside WT: kept, the union restores nesting
-    labels = regions_to_labels(regions, et_label)
+    labels = regions_to_labels(regions, et_label=et_label)
     assert labels.dtype == np.uint8
     # WT = 32 + 1 voxels, TC = 8 + 1, ET = 3: labels 2, 1 and ET count the differences
     assert (labels == et_label).sum() == 3 and labels[3, 3, 3] == et_label
     assert (labels == 1).sum() == 6 and (labels == 2).sum() == 24
     assert set(np.unique(labels)) == {0, 1, 2, et_label}
     # below the threshold the ET voxels become necrosis (label 1), others unchanged
-    small = regions_to_labels(regions, et_label, et_threshold=4)
+    small = regions_to_labels(regions, et_label=et_label, et_threshold=4)
     assert (small == et_label).sum() == 0 and (small == 1).sum() == 9
-    assert np.array_equal(regions_to_labels(regions, et_label, et_threshold=3), labels)
+    assert np.array_equal(regions_to_labels(regions, et_label=et_label, et_threshold=3), labels)
     assert np.array_equal(small == 2, labels == 2)
     # tensors in, tensors out
-    assert torch.equal(regions_to_labels(torch.from_numpy(regions), et_label), torch.from_numpy(labels))
+    assert torch.equal(regions_to_labels(torch.from_numpy(regions), et_label=et_label), torch.from_numpy(labels))
 
 
 def _save(path, array):

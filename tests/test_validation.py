@@ -1,4 +1,4 @@
-"""Input validation (custom/validation.py): every kind of problem is caught, named by file, and reported together."""
+"""Input validation (custom/data/validation.py): every kind of problem is caught, named by file, and reported together."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from custom.data.datalist import SEQUENCES
+from custom.core.naming import SEQUENCES
 from custom.data.validation import CaseProblem, check_datalist, format_problems, validate_entries
 
 SHAPE = (12, 12, 10)

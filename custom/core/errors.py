@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import TypeVar
 
-__all__ = ["CaseProblem", "DataError", "OutputDirLocked", "format_problems", "clean_exit"]
+__all__ = ["CaseProblem", "DataError", "DatasetNotFound", "OutputDirLocked", "format_problems", "clean_exit"]
 
 F = TypeVar("F", bound=Callable)
 
@@ -42,9 +42,10 @@ def format_problems(problems: Iterable[CaseProblem]) -> str:
     return "\n".join(str(p) for p in problems)
 
 
-class DataError(Exception):
+class DataError(ValueError):
     """A problem with the user's data or settings that the user has to fix: the message says what and how.
-    ``problems`` holds the per-case problems behind it (empty when the problem is not a case's)."""
+    ``problems`` holds the per-case problems behind it (empty when the problem is not a case's). A ``ValueError``,
+    so that callers catching bad values keep working."""
 
     def __init__(self, message: str, problems: Sequence[CaseProblem] = ()) -> None:
         super().__init__(message)
@@ -53,6 +54,10 @@ class DataError(Exception):
 
     def __str__(self) -> str:
         return self.message
+
+
+class DatasetNotFound(DataError, FileNotFoundError):
+    """``dataset_dir`` (a folder of cases or a datalist JSON) does not exist."""
 
 
 class OutputDirLocked(DataError):

@@ -23,6 +23,7 @@ __all__ = [
     "is_four_channel",
     "split_channels",
     "NAMINGS_LOOKED_FOR",
+    "WRITTEN_SUFFIXES",
 ]
 
 SEQUENCES = ("t1", "t1c", "t2", "flair")
@@ -40,6 +41,11 @@ _NAMINGS = (  # (pattern, suffix table, ET label the naming implies)
 )
 # every name a sequence goes by (datalists keyed by sequence, file suffixes) -> its channel
 _SEQUENCE_ALIASES = {**{k: v for k, v in _UNDERSCORE_SUFFIXES.items() if v != "label"}, "t1n": "t1", "t2w": "t2", "t2f": "flair"}
+# the suffixes BraTS itself writes, per separator: "_" (2018-2021) and "-" (2023+)
+WRITTEN_SUFFIXES = {
+    "_": {"t1": "t1", "t1c": "t1ce", "t2": "t2", "flair": "flair", "seg": "seg"},
+    "-": {"t1": "t1n", "t1c": "t1c", "t2": "t2w", "flair": "t2f", "seg": "seg"},
+}
 NAMINGS_LOOKED_FOR = (
     "<case>/<case>_{t1,t1ce,t2,flair}.nii.gz with optional <case>_seg.nii.gz (BraTS 2018-2021 naming, "
     "HGG/LGG folders optional), <case>/<case>-{t1n,t1c,t2w,t2f}.nii.gz with optional <case>-seg.nii.gz "
@@ -89,5 +95,6 @@ def split_channels(data: np.ndarray) -> list[np.ndarray] | None:
     shape = tuple(data.shape)
     if not is_four_channel(shape):
         return None
-    axis = -1 if shape[-1] == len(SEQUENCES) else 0
-    return [np.take(data, i, axis=axis) for i in range(len(SEQUENCES))]
+    if shape[-1] == len(SEQUENCES):
+        return [data[..., i] for i in range(len(SEQUENCES))]  # views: no copy of the study
+    return [data[i] for i in range(len(SEQUENCES))]

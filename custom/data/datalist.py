@@ -1,16 +1,5 @@
-"""Discovery of BraTS cases on disk and MONAI (decathlon-style) datalists with cross-validation folds.
-
-Supported layouts, searched recursively under ``dataset_dir`` (``.nii.gz`` or ``.nii``):
-
-* BraTS 2018/2019: ``HGG/<case>/<case>_{t1,t1ce,t2,flair,seg}.nii.gz`` and ``LGG/...``; the same naming
-  without HGG/LGG folders (2019 validation set), BraTS 2020 (``BraTS20_Training_001``) and 2021
-  (``BraTS2021_00000``). Enhancing tumour is label 4.
-* BraTS 2023+ (GLI, MEN, MET, PED, SSA, ...): ``<case>/<case>-{t1n,t1c,t2w,t2f,seg}.nii.gz``. Enhancing tumour is
-  label 3.
-* A folder of single 4-channel NIfTI files ``<case>.nii.gz`` (channels T1, T1c, T2, FLAIR, first or last axis),
-  labels as ``<case>_seg.nii.gz`` next to them or as ``<case>.nii.gz`` in another folder (``labels/``,
-  ``labelsTr/``). The channel order is not recorded in a NIfTI file: a Medical Segmentation Decathlon
-  Task01 file (FLAIR, T1, T1gd, T2) must be re-ordered first.
+"""MONAI (decathlon-style) datalists of BraTS cases: made from a folder (``custom.data.discovery``) or read from a
+JSON, with stratified cross-validation folds; the training/validation/testing entries of a fold.
 
 Cases with a segmentation go to ``"training"`` with a fold number, cases without one to ``"testing"``.
 """
@@ -20,23 +9,20 @@ from __future__ import annotations
 import json
 import logging
 import os
-import re
-from dataclasses import dataclass
+import time
 from pathlib import Path
 from typing import Any
 
-import nibabel as nib
 import numpy as np
 
-from custom.core.errors import DataError
-from custom.core.labels import ET_LABELS
+from custom.core.errors import DataError, DatasetNotFound, format_problems
+from custom.core.labels import ET_LABELS, resolve_label_scheme
 from custom.core.io import atomic_path, check_case_ids
-from custom.core.naming import NAMINGS_LOOKED_FOR, SEQUENCES, case_id_from_path, is_four_channel, nifti_stem, parse_stem, sequence_name
+from custom.core.naming import SEQUENCES, case_id_from_path, nifti_stem, parse_stem, sequence_name
+from custom.data.discovery import discover_cases
+from custom.data.validation import preflight
 
 __all__ = [
-    "SEQUENCES",
-    "BratsCase",
-    "discover_cases",
     "make_datalist",
     "write_datalist",
     "load_datalist",
@@ -45,171 +31,10 @@ __all__ = [
     "testing_files",
     "resolve_et_label",
     "implied_et_label",
-    "case_id_from_path",
     "require_dataset",
-    "dataset_datalist",
-    "DataError",
 ]
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass
-class BratsCase:
-    """One case found on disk.
-
-    ``images`` holds the four sequence files in ``SEQUENCES`` order, or a single 4-channel file.
-    ``label`` is ``None`` for unlabeled (validation/test) cases. ``et_label`` is the enhancing-tumour value the
-    naming implies (4 for 2018-2021 naming, 3 for 2023+). ``group`` is ``"HGG"``/``"LGG"`` for 2018/2019 layouts.
-    """
-
-    case_id: str
-    images: list[str]
-    label: str | None
-    et_label: int
-    group: str | None = None
-
-
-def _walk_nifti(root: Path):
-    """Yield every NIfTI file under ``root`` (following symbolic links once), in a deterministic order."""
-    seen: set[str] = set()
-    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
-        real = os.path.realpath(dirpath)
-        if real in seen:  # a link cycle
-            dirnames[:] = []
-            continue
-        seen.add(real)
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        for name in sorted(filenames):
-            if name.startswith("."):  # hidden files, macOS "._" resource forks shipped in BraTS archives
-                continue
-            stem = nifti_stem(name)
-            if stem is not None:
-                yield Path(dirpath) / name, stem
-
-
-def _group_of(path: Path) -> str | None:
-    """``"HGG"``/``"LGG"`` when a folder of ``path`` is named so (nearest folder wins)."""
-    for part in reversed(path.parent.parts):
-        if part.upper() in ("HGG", "LGG"):
-            return part.upper()
-    return None
-
-
-def _header_shape(path: Path) -> tuple[int, ...] | None:
-    """Image shape read from the header only (no voxel data), None when the file is unreadable."""
-    try:
-        return tuple(int(s) for s in nib.load(str(path)).shape)
-    except Exception as e:  # noqa: BLE001 - any unreadable file is reported, not fatal for discovery
-        logger.warning("skipping %s: not a readable NIfTI header (%s)", path, e)
-        return None
-
-
-def discover_cases(
-    dataset_dir: str, allow_incomplete: bool = False, incomplete_cases: dict[str, str] | None = None
-) -> list[BratsCase]:
-    """Find the BraTS cases under ``dataset_dir`` (any supported naming), sorted by case id.
-
-    A case that has some but not all four sequences raises a ``ValueError`` that lists every such case, the
-    missing sequences and its folder; with ``allow_incomplete=True`` those cases are skipped with a warning and,
-    when ``incomplete_cases`` is given, recorded there as ``{case_id: what is wrong}`` (inference reports them).
-    """
-    root = Path(dataset_dir).expanduser()
-    if not root.exists():
-        raise FileNotFoundError(
-            f"dataset_dir {str(root)!r} does not exist; set dataset_dir to a folder of BraTS cases or a datalist JSON"
-        )
-    if not root.is_dir():
-        raise ValueError(f"dataset_dir {str(root)!r} is not a folder; give a folder of BraTS cases or a datalist JSON")
-    root = root.resolve()
-
-    slots: dict[str, dict[str, Path]] = {}  # case id -> {"t1"|...|"label"|"image4d": path}
-    naming: dict[str, int] = {}  # case id -> et label implied by the naming
-    duplicates: list[str] = []
-    unmatched: list[tuple[Path, str]] = []
-
-    def put(case_id: str, key: str, path: Path, et_label: int) -> None:
-        case = slots.setdefault(case_id, {})
-        if key in case and case[key] != path:
-            duplicates.append(f"{case_id} {key}: {case[key]} and {path}")
-            return
-        case[key] = path
-        naming.setdefault(case_id, et_label)
-
-    for path, stem in _walk_nifti(root):
-        parsed = parse_stem(stem)
-        if parsed:
-            put(*parsed[:2], path, parsed[2])
-            continue
-        unmatched.append((path, stem))
-
-    # single 4-channel files first, then 3-D files named like one of them are its label (labels/<case>.nii.gz)
-    label_candidates: list[tuple[Path, str]] = []
-    for path, stem in unmatched:
-        shape = _header_shape(path)
-        if shape is None:
-            continue
-        if is_four_channel(shape):
-            put(stem, "image4d", path, 4)
-        elif len(shape) == 3 or (len(shape) == 4 and shape[-1] == 1):
-            label_candidates.append((path, stem))
-        else:
-            logger.warning(
-                "skipping %s: shape %s is neither a 3-D volume nor 4 channels (T1, T1c, T2, FLAIR) first or last",
-                path,
-                shape,
-            )
-    for path, stem in label_candidates:
-        case = slots.get(stem)
-        if case is not None and "image4d" in case and "label" not in case:
-            case["label"] = path
-
-    if duplicates:
-        raise ValueError(
-            "the same case and sequence was found more than once under "
-            f"{root}; keep one copy of each:\n  " + "\n  ".join(duplicates)
-        )
-
-    cases: list[BratsCase] = []
-    incomplete: list[str] = []
-    for case_id in sorted(slots):
-        files = slots[case_id]
-        present = [s for s in SEQUENCES if s in files]
-        label = str(files["label"]) if "label" in files else None
-        first = next(iter(files.values()))
-        if "image4d" in files:
-            if present:
-                incomplete.append(
-                    f"{case_id}: both a 4-channel file and separate sequence files ({', '.join(present)}) "
-                    f"in {files['image4d'].parent}; keep one form"
-                )
-                if incomplete_cases is not None:
-                    incomplete_cases[case_id] = incomplete[-1].split(": ", 1)[1]
-                continue
-            images = [str(files["image4d"])]
-        elif len(present) == len(SEQUENCES):
-            images = [str(files[s]) for s in SEQUENCES]
-        else:
-            missing = [s for s in SEQUENCES if s not in files]
-            incomplete.append(f"{case_id}: missing {', '.join(missing)} in {first.parent}")
-            if incomplete_cases is not None:
-                incomplete_cases[case_id] = incomplete[-1].split(": ", 1)[1]
-            continue
-        cases.append(BratsCase(case_id, images, label, naming[case_id], _group_of(first)))
-
-    if incomplete:
-        if not allow_incomplete:
-            raise ValueError(
-                f"{len(incomplete)} incomplete case(s) under {root} (every case needs T1, T1c, T2 and FLAIR):\n  "
-                + "\n  ".join(incomplete)
-                + "\ncomplete or remove them (training: --skip_invalid true skips them; "
-                "python -m custom datalist: --allow_incomplete true)"
-            )
-        if incomplete_cases is None:  # otherwise the caller reports them (pre-flight, inference summary)
-            logger.warning("skipping %d incomplete case(s):\n  %s", len(incomplete), "\n  ".join(incomplete))
-    if not cases:
-        raise ValueError(f"no BraTS cases found under {root}; looked for {NAMINGS_LOOKED_FOR}")
-    return cases
 
 
 def _check_et_label(et_label: Any) -> int:
@@ -218,7 +43,7 @@ def _check_et_label(et_label: Any) -> int:
     except (TypeError, ValueError):
         value = None
     if value not in ET_LABELS or isinstance(et_label, bool):
-        raise ValueError(f"et_label must be 4 (BraTS 2018-2021 labels) or 3 (BraTS 2023+ labels), got {et_label!r}")
+        raise DataError(f"et_label must be 4 (BraTS 2018-2021 labels) or 3 (BraTS 2023+ labels), got {et_label!r}")
     return value
 
 
@@ -242,7 +67,7 @@ def _assign_folds(entries: list[dict], folds: int, seed: int) -> None:
 
 def _check_folds(folds: Any) -> int:
     if isinstance(folds, bool) or not isinstance(folds, (int, np.integer)) or folds < 2:
-        raise ValueError(f"folds must be an integer >= 2, got {folds!r}")
+        raise DataError(f"folds must be an integer >= 2, got {folds!r}")
     return int(folds)
 
 
@@ -260,7 +85,7 @@ def make_datalist(
     if et_label is None:
         implied = sorted({c.et_label for c in cases})
         if len(implied) > 1:
-            raise ValueError(
+            raise DataError(
                 f"{dataset_dir} mixes BraTS 2018-2021 file naming (ET label 4) and BraTS 2023+ naming (ET label 3); "
                 "set et_label explicitly or keep one naming per dataset"
             )
@@ -343,11 +168,6 @@ def write_datalist(
 
 def _check_all(datalist: dict, num_workers: int) -> None:
     """The pre-flight of every case of ``datalist``, timed; ``DataError`` listing the problems."""
-    import time
-
-    from custom.core.labels import resolve_label_scheme
-    from custom.data.validation import format_problems, preflight
-
     entries = datalist["training"] + datalist["testing"] + datalist.get("incomplete", [])
     scheme = resolve_label_scheme(datalist)
     start = time.perf_counter()
@@ -361,14 +181,14 @@ def _check_all(datalist: dict, num_workers: int) -> None:
         f"{max(1, int(num_workers or 0))} process(es): {len(problems)} problem(s) in {n_bad} case(s)"
     )
     if any(p.severity == "error" for p in problems):
-        raise DataError(format_problems(problems))
+        raise DataError(format_problems(problems), problems)
     if problems:
         print(format_problems(problems))
 
 
 def _resolve(path: Any, base: Path, where: str) -> str:
     if not isinstance(path, (str, os.PathLike)):
-        raise ValueError(f"{where}: expected a file path, got {path!r}")
+        raise DataError(f"{where}: expected a file path, got {path!r}")
     p = Path(path).expanduser()
     return str(p if p.is_absolute() else (base / p).resolve())
 
@@ -378,7 +198,7 @@ def _normalise_entry(item: Any, base: Path, where: str) -> dict:
     if isinstance(item, (str, os.PathLike)):  # decathlon "testing": ["imagesTs/x.nii.gz", ...]
         item = {"image": item}
     if not isinstance(item, dict) or "image" not in item:
-        raise ValueError(f"{where}: each entry needs an 'image' (4 sequence paths or one 4-channel file), got {item!r}")
+        raise DataError(f"{where}: each entry needs an 'image' (4 sequence paths or one 4-channel file), got {item!r}")
     entry = dict(item)
     image = entry["image"]
     if isinstance(image, dict):  # keyed by sequence name: {"t1": ..., "t1c": ..., "t2": ..., "flair": ...}
@@ -386,11 +206,11 @@ def _normalise_entry(item: Any, base: Path, where: str) -> dict:
         for key, value in image.items():
             name = sequence_name(key)
             if name is None:
-                raise ValueError(f"{where}: unknown sequence name {key!r}; use {', '.join(SEQUENCES)}")
+                raise DataError(f"{where}: unknown sequence name {key!r}; use {', '.join(SEQUENCES)}")
             keyed[name] = value
         missing = [s for s in SEQUENCES if s not in keyed]
         if missing:
-            raise ValueError(f"{where}: 'image' lacks {', '.join(missing)}; give all of {', '.join(SEQUENCES)}")
+            raise DataError(f"{where}: 'image' lacks {', '.join(missing)}; give all of {', '.join(SEQUENCES)}")
         image = [keyed[s] for s in SEQUENCES]
     elif not isinstance(image, (list, tuple)):
         image = [image]
@@ -419,16 +239,6 @@ def _missing_dataset(source: str) -> str:
     return f"dataset_dir {source!r} does not exist; set --dataset_dir to a folder of BraTS cases or a datalist JSON"
 
 
-def dataset_datalist(source: str, folds: int = 5, seed: int = 0) -> dict:
-    """The datalist of a training or evaluation config: ``load_datalist`` that keeps incomplete cases for the
-    pre-flight to report and turns a data problem into a clean ``DataError`` (an empty datalist when ``source``
-    does not exist yet, so that the config can be inspected before a dataset is given)."""
-    try:
-        return load_datalist(source, folds=folds, seed=seed, allow_incomplete=True, missing_ok=True)
-    except (ValueError, FileNotFoundError) as e:
-        raise DataError(str(e)) from None
-
-
 def load_datalist(
     source: str,
     folds: int = 5,
@@ -453,24 +263,24 @@ def load_datalist(
         return {"name": "empty", "et_label": et_label or 4, "channel_order": list(SEQUENCES), "numFolds": folds,
                 "seed": seed, "training": [], "testing": []}
     if not path.exists():
-        raise FileNotFoundError(_missing_dataset(str(path)))
+        raise DatasetNotFound(_missing_dataset(str(path)))
     if path.is_dir():
         return make_datalist(str(path), folds=folds, seed=seed, et_label=et_label, allow_incomplete=allow_incomplete)
     if path.suffix.lower() != ".json":
-        raise ValueError(
+        raise DataError(
             f"dataset_dir {str(path)!r} is a file but not a datalist JSON; give the folder of BraTS cases or a .json "
             "datalist (write one with custom.data.datalist.write_datalist)"
         )
     try:
         raw = json.loads(path.read_text())
     except json.JSONDecodeError as e:
-        raise ValueError(f"datalist {path} is not valid JSON ({e}); fix it or write a new one") from e
+        raise DataError(f"datalist {path} is not valid JSON ({e}); fix it or write a new one") from e
     if not isinstance(raw, dict) or not isinstance(raw.get("training", []), list) or not isinstance(
         raw.get("testing", []), list
     ):
-        raise ValueError(f"datalist {path} must be a JSON object with 'training' and/or 'testing' lists")
+        raise DataError(f"datalist {path} must be a JSON object with 'training' and/or 'testing' lists")
     if not raw.get("training") and not raw.get("testing"):
-        raise ValueError(f"datalist {path} has no 'training' or 'testing' entries")
+        raise DataError(f"datalist {path} has no 'training' or 'testing' entries")
 
     base = path.resolve().parent
     datalist = dict(raw)
@@ -478,7 +288,7 @@ def load_datalist(
     testing = [_normalise_entry(e, base, f"{path} testing[{i}]") for i, e in enumerate(raw.get("testing", []))]
     unlabeled = [e["case_id"] for e in training if e.get("label") is None]
     if unlabeled:
-        raise ValueError(
+        raise DataError(
             f"datalist {path}: training entries without 'label': {', '.join(unlabeled)}; add labels or move them to "
             "'testing'"
         )
@@ -493,7 +303,7 @@ def load_datalist(
         datalist["seed"] = int(seed)
     for e in training:
         if not isinstance(e["fold"], (int, np.integer)) or isinstance(e["fold"], bool) or not 0 <= e["fold"] < n_folds:
-            raise ValueError(f"datalist {path}: case {e['case_id']} has fold {e['fold']!r}, expected 0..{n_folds - 1}")
+            raise DataError(f"datalist {path}: case {e['case_id']} has fold {e['fold']!r}, expected 0..{n_folds - 1}")
     datalist.update(
         {
             "et_label": _check_et_label(
@@ -506,7 +316,7 @@ def load_datalist(
         }
     )
     if [str(c).lower() for c in datalist["channel_order"]] != list(SEQUENCES):
-        raise ValueError(
+        raise DataError(
             f"datalist {path} declares channel_order {datalist['channel_order']}; this model expects "
             f"{list(SEQUENCES)} (T1, T1c, T2, FLAIR): re-order the 'image' lists"
         )
@@ -526,7 +336,7 @@ def _check_fold(datalist: dict, fold: Any) -> int:
     if isinstance(fold, str) and fold.strip().isdigit():  # "--fold 0" passed through as text
         fold = int(fold)
     if isinstance(fold, bool) or not isinstance(fold, (int, np.integer)) or not 0 <= fold < n:
-        raise ValueError(f"fold {fold!r} is out of range: this datalist has {n} folds, valid folds are 0..{n - 1}")
+        raise DataError(f"fold {fold!r} is out of range: this datalist has {n} folds, valid folds are 0..{n - 1}")
     return int(fold)
 
 

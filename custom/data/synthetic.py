@@ -47,6 +47,8 @@ import numpy as np
 from scipy import ndimage
 
 from custom.core.io import atomic_path
+from custom.core.labels import SCHEMES
+from custom.core.naming import SEQUENCES, WRITTEN_SUFFIXES
 
 __all__ = [
     "NAMINGS",
@@ -61,41 +63,19 @@ __all__ = [
     "main",
 ]
 
-#: the order of the sequences in :func:`synthesize_case`'s dict (the bundle's channel order)
-SEQUENCES = ("t1", "t1c", "t2", "flair")
-
-#: naming -> (case id pattern, separator, file suffix per sequence (+ "seg"), enhancing-tumor label)
-#: ("2024" is the 2023+ file naming with a resection cavity, label 4: label scheme brats2024)
-NAMINGS: dict[str, tuple[str, str, dict[str, str], int]] = {
-    "2020": (
-        "BraTS20_Training_{i:03d}",
-        "_",
-        {"t1": "t1", "t1c": "t1ce", "t2": "t2", "flair": "flair", "seg": "seg"},
-        4,
-    ),
-    "2021": (
-        "BraTS2021_{i:05d}",
-        "_",
-        {"t1": "t1", "t1c": "t1ce", "t2": "t2", "flair": "flair", "seg": "seg"},
-        4,
-    ),
-    "2023": (
-        "BraTS-GLI-{i:05d}-000",
-        "-",
-        {"t1": "t1n", "t1c": "t1c", "t2": "t2w", "flair": "t2f", "seg": "seg"},
-        3,
-    ),
-    "2024": (
-        "BraTS-GLI-{i:05d}-100",
-        "-",
-        {"t1": "t1n", "t1c": "t1c", "t2": "t2w", "flair": "t2f", "seg": "seg"},
-        3,
-    ),
+#: naming -> (case id pattern, separator, file suffix per sequence (+ "seg"), label scheme of its labels)
+#: ("2024" is the 2023+ file naming with a resection cavity: label scheme brats2024); the suffixes and label values
+#: come from custom.core (naming.WRITTEN_SUFFIXES, labels.SCHEMES)
+NAMINGS: dict[str, tuple[str, str, dict[str, str], str]] = {
+    "2020": ("BraTS20_Training_{i:03d}", "_", WRITTEN_SUFFIXES["_"], "brats2018"),
+    "2021": ("BraTS2021_{i:05d}", "_", WRITTEN_SUFFIXES["_"], "brats2018"),
+    "2023": ("BraTS-GLI-{i:05d}-000", "-", WRITTEN_SUFFIXES["-"], "brats2023"),
+    "2024": ("BraTS-GLI-{i:05d}-100", "-", WRITTEN_SUFFIXES["-"], "brats2024"),
 }
-#: namings whose cases have a resection cavity, and its label
-RC_LABELS = {"2024": 4}
 #: naming -> the label scheme of its labels (custom.core.labels)
-LABEL_SCHEMES = {"2020": "brats2018", "2021": "brats2018", "2023": "brats2023", "2024": "brats2024"}
+LABEL_SCHEMES = {naming: scheme for naming, (_, _, _, scheme) in NAMINGS.items()}
+#: namings whose cases have a resection cavity, and its label
+RC_LABELS = {naming: SCHEMES[s].rc_label for naming, s in LABEL_SCHEMES.items() if SCHEMES[s].rc_label is not None}
 
 #: hidden file recording that a folder holds data written by this module, and with which parameters
 MARKER = ".synthetic_brats.json"
@@ -300,7 +280,7 @@ def case_files(case_dir: str | os.PathLike, naming: str = "2021") -> dict[str, P
     return {k: case_dir / f"{case_dir.name}{sep}{suffix}.nii.gz" for k, suffix in suffixes.items()}
 
 
-def _naming(naming: str) -> tuple[str, str, dict[str, str], int]:
+def _naming(naming: str) -> tuple[str, str, dict[str, str], str]:
     naming = str(naming)
     if naming not in NAMINGS:
         raise ValueError(f"naming must be one of {sorted(NAMINGS)}, got {naming!r}")
@@ -324,7 +304,7 @@ def _save(array: np.ndarray, affine: np.ndarray, path: Path) -> None:
 
 def _write_case(folder: Path, rng: np.random.Generator, shape, spacing, naming: str) -> None:
     """Draws one case and writes its five files into ``folder`` (created; its name is the case id)."""
-    et_label = _naming(naming)[3]
+    et_label = SCHEMES[_naming(naming)[3]].et_label
     images, labels = synthesize_case(rng, shape, et_label=et_label, rc_label=RC_LABELS.get(str(naming)))
     folder.mkdir(parents=True, exist_ok=True)
     affine = _affine(shape, spacing)

@@ -4,13 +4,12 @@ from __future__ import annotations
 
 from collections.abc import Hashable, Mapping
 
-import numpy as np
 import torch
 from monai.config import KeysCollection
 from monai.data import MetaTensor
 from monai.transforms import MapTransform
 
-__all__ = ["EnsureSequenceChannelsd", "regions_to_labels"]
+__all__ = ["EnsureSequenceChannelsd"]
 
 
 class EnsureSequenceChannelsd(MapTransform):
@@ -55,19 +54,3 @@ class EnsureSequenceChannelsd(MapTransform):
             result.meta["original_channel_dim"] = 0
         return result.contiguous()
 
-
-def regions_to_labels(
-    regions: torch.Tensor | np.ndarray, et_label: int = 4, et_threshold: int = 0
-) -> torch.Tensor | np.ndarray:
-    """Binary region masks ``(3, H, W, D)`` in the order TC, WT, ET to one BraTS label map ``(H, W, D)`` (uint8).
-
-    The regions are nested (ET in TC in WT), so labels are assigned from the outside in: WT -> 2 (edema),
-    TC -> 1 (necrosis / non-enhancing core), ET -> ``et_label``; a voxel the independent sigmoids put in an inner
-    region but not in the outer one counts as in both (the union keeps the nesting). When the case's ET volume is below ``et_threshold``
-    voxels, the ET voxels become label 1 (the paper's post-processing: tiny ET predictions are usually
-    false positives in LGG cases, where an empty ET scores Dice 1). ``custom.core.labels.regions_to_labels`` is the
-    same for any label scheme (with RC).
-    """
-    from custom.core.labels import regions_to_labels as scheme_regions_to_labels  # the one implementation
-
-    return scheme_regions_to_labels(regions, et_label=et_label, et_threshold=et_threshold)

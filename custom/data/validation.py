@@ -20,7 +20,7 @@ from __future__ import annotations
 import logging
 import os
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,8 +30,8 @@ import nibabel as nib
 import numpy as np
 
 from custom.core.errors import CaseProblem, DataError, format_problems
-from custom.core.labels import allowed_labels, distinct_values
-from custom.core.naming import SEQUENCES
+from custom.core.labels import SCHEMES, allowed_labels, distinct_values
+from custom.core.naming import SEQUENCES, split_channels
 
 __all__ = [
     "CaseProblem",
@@ -52,7 +52,7 @@ logger = logging.getLogger(__name__)
 _N = len(SEQUENCES)
 _EXPECTED = "4 sequence files (T1, T1c, T2, FLAIR) or one 4-channel file of shape (X, Y, Z, 4) or (4, X, Y, Z)"
 _REGRID = "resample/co-register all sequences and the label onto one grid (same shape and affine)"
-_RC_LABEL = 4  # resection cavity in BraTS 2024+ post-treatment glioma data (with ET = 3)
+_RC_LABEL = SCHEMES["brats2024"].rc_label  # resection cavity in BraTS 2024+ post-treatment data (with ET 3)
 
 
 @dataclass
@@ -163,9 +163,10 @@ def check_sequence_content(
     low, high = float(finite.min()), float(finite.max())
     if low == high == 0:
         fix = "the sequence is missing or blank: re-export it, or drop the case"
-        return [CaseProblem(case_id, path, f"{name} is zero everywhere", fix, blank_severity)]
+        return [CaseProblem(case_id, path, f"{name} is zero everywhere", fix, blank_severity, kind="blank")]
     if low == high:
-        return [CaseProblem(case_id, path, f"{name} has the constant value {low:g} everywhere", "re-export the sequence")]
+        problem = f"{name} has the constant value {low:g} everywhere"
+        return [CaseProblem(case_id, path, problem, "re-export the sequence", kind="constant")]
     return []
 
 
@@ -187,7 +188,7 @@ def check_label_values(
     if et_label == 3 and _RC_LABEL in values and 3 not in values:
         fix += ", or et_label=4 if these are BraTS 2018-2021 labels"
     problem = f"label values {_format_values(foreign)} not in {_format_values(sorted(allowed))}"
-    return [CaseProblem(case_id, path, problem, fix)], values
+    return [CaseProblem(case_id, path, problem, fix, kind="labels")], values
 
 
 def _format_values(values) -> str:
@@ -196,11 +197,10 @@ def _format_values(values) -> str:
 
 def _split_channels(case_id: str, path: str, data: np.ndarray) -> tuple[list[np.ndarray] | None, list[CaseProblem]]:
     """The 4 channels of a 4-channel file (channels last or first)."""
-    if data.ndim == 4 and data.shape[-1] == _N:
-        return [data[..., c] for c in range(_N)], []
-    if data.ndim == 4 and data.shape[0] == _N:
-        return [data[c] for c in range(_N)], []
-    return None, [CaseProblem(case_id, path, f"one file of shape {data.shape}", f"give {_EXPECTED}")]
+    channels = split_channels(data)
+    if channels is None:
+        return None, [CaseProblem(case_id, path, f"one file of shape {data.shape}", f"give {_EXPECTED}", kind="layout")]
+    return channels, []
 
 
 def _as_volume(case_id: str, path: str, data: np.ndarray, what: str) -> tuple[np.ndarray | None, list[CaseProblem]]:
@@ -216,7 +216,7 @@ def check_brain(
     case_id: str, path: str, content_problems: list[CaseProblem], n_sequences: int, all_read: bool
 ) -> list[CaseProblem]:
     """All sequences blank means an empty brain, reported once instead of once per sequence."""
-    blank = [p for p in content_problems if p.problem.endswith("zero everywhere")]
+    blank = [p for p in content_problems if p.kind == "blank"]
     if all_read and n_sequences == _N and len(blank) == _N:
         return [CaseProblem(case_id, path, "no non-zero voxel in any sequence (empty brain)", "re-export the case")]
     return list(content_problems)
@@ -364,18 +364,18 @@ def _judge(entries: list[dict], reports: list[CaseReport], et_label: int, check_
     return _Verdict(good, problems, n_bad, et_trap)
 
 
-def _stop_on_errors(
-    verdict: _Verdict, n_entries: int, skip_invalid: bool, error: type, legend: str, et_hint: str, what_to_do: str
-) -> None:
-    """Raises ``error`` with every error of ``verdict`` (unless ``skip_invalid``) and with the ET trap (always)."""
+def _stop_on_errors(verdict: _Verdict, n_entries: int, skip_invalid: bool, what_to_do: str) -> None:
+    """Raises ``DataError`` with every error of ``verdict`` (unless ``skip_invalid``) and with the ET trap (always)."""
     errors = [p for p in verdict.problems if p.severity == "error"]
+    et_hint = " (--et_label 3 or 4)"
     if errors and not skip_invalid:
+        legend = " (case: file: problem -> what to do)"
         message = f"{len(errors)} problem(s) in {verdict.n_bad} of {n_entries} case(s){legend}:\n{format_problems(errors)}\n"
         if verdict.et_trap:
             message += verdict.et_trap + et_hint + "\n"
-        raise error(message + what_to_do)
+        raise DataError(message + what_to_do, verdict.problems)
     if verdict.et_trap:
-        raise error(verdict.et_trap + et_hint)
+        raise DataError(verdict.et_trap + et_hint, verdict.problems)
 
 
 def check_datalist(
@@ -388,23 +388,33 @@ def check_datalist(
     num_workers: int = 0,
     label_scheme: str | None = None,
 ) -> list[dict]:
-    """Validate ``entries`` and return the usable ones (library form: raises ``ValueError``).
+    """Validate ``entries`` and return the usable ones; ``DataError`` (with the ``CaseProblem`` list) otherwise.
 
-    With problems, ``skip_invalid=False`` raises a ``ValueError`` listing all of them; ``skip_invalid=True`` logs
-    them as a warning and returns only the good entries. With ``check_labels`` and ``require_et``, a set of labeled
-    entries none of which contains ``et_label`` raises (the 4-vs-3 label trap), whatever ``skip_invalid`` says.
+    With problems, ``skip_invalid=False`` raises listing all of them; ``skip_invalid=True`` logs them as a warning and
+    returns only the good entries. With ``check_labels`` and ``require_et``, a set of labeled entries none of which
+    contains ``et_label`` raises (the 4-vs-3 label trap), whatever ``skip_invalid`` says.
     """
     entries = list(entries)
-    reports = preflight(entries, num_workers, et_label=int(et_label), check_labels=check_labels,
+    start = time.perf_counter()
+    workers = max(1, min(int(num_workers or 0), os.cpu_count() or 1))
+    reports = preflight(entries, workers, et_label=int(et_label), check_labels=check_labels,
                         affine_tolerance=affine_tolerance, label_scheme=label_scheme)
     verdict = _judge(entries, reports, int(et_label), check_labels, require_et)
-    _stop_on_errors(verdict, len(entries), skip_invalid, ValueError, "", "",
-                    "fix the files, or set skip_invalid=true to skip these cases")
-    if verdict.problems:
-        logger.warning("skipping %d of %d case(s) with problems:\n%s", len(entries) - len(verdict.good), len(entries),
-                       format_problems(verdict.problems))
-        if not verdict.good:
-            raise ValueError(f"no usable case left after skipping invalid ones:\n{format_problems(verdict.problems)}")
+    n_files = sum(len(e.get("image", [])) + bool(e.get("label")) for e in entries)
+    errors = [p for p in verdict.problems if p.severity == "error"]
+    logger.info(
+        f"pre-flight: checked {len(entries)} case(s) ({n_files} files) in {time.perf_counter() - start:.1f} s with "
+        f"{workers} process(es): {len(errors)} problem(s) in {verdict.n_bad} case(s)"
+    )
+    _stop_on_errors(verdict, len(entries), skip_invalid,
+                    "fix these files, or pass --skip_invalid true (skip_invalid=true) to go on without these cases")
+    if verdict.n_bad:
+        logger.warning(f"skip_invalid: skipping {verdict.n_bad} of {len(entries)} case(s):\n"
+                       f"{format_problems(verdict.problems)}")
+    elif verdict.problems:
+        logger.warning(f"pre-flight warnings (the cases are used):\n{format_problems(verdict.problems)}")
+    if not verdict.good:
+        raise DataError(f"no usable case left after skipping invalid ones:\n{format_problems(errors)}", errors)
     return verdict.good
 
 
@@ -417,43 +427,26 @@ def preflight_datalist(
     affine_tolerance: float = 1e-3,
     label_scheme: str | None = None,
 ) -> dict:
-    """The pre-flight of training: every case of ``datalist`` (all folds, and the incomplete cases dataset discovery
-    found) is checked once, before any caching or epoch, and every problem is reported in one list.
+    """The pre-flight of training: ``check_datalist`` of every case of ``datalist`` (all folds, and the incomplete
+    cases dataset discovery found), once, before any caching or epoch, with every problem in one list.
 
-    Returns the datalist with only the usable training cases. Problems end the command cleanly (``DataError``: exit
-    status 1, the list as the last thing printed, no traceback) unless ``skip_invalid``, which skips exactly the
-    listed cases and logs how many are left per fold. The ET trap (no labeled case holds ``et_label``) always ends it.
+    Returns the datalist with only the usable training cases; with ``skip_invalid``, logs how many are left per fold.
     """
     training = list(datalist.get("training", []))
     incomplete = list(datalist.get("incomplete", []))
     if not training and not incomplete:
         return datalist  # no dataset yet: the config is being inspected; the run says what is missing
-    start = time.perf_counter()
-    entries = training + incomplete
-    workers = max(1, min(int(num_workers or 0), os.cpu_count() or 1))
-    reports = preflight(entries, workers, et_label=int(et_label), check_labels=True,
-                        affine_tolerance=affine_tolerance, label_scheme=label_scheme)
-    verdict = _judge(entries, reports, int(et_label), True, True)
-    n_files = sum(len(e.get("image", [])) + bool(e.get("label")) for e in entries)
-    errors = [p for p in verdict.problems if p.severity == "error"]
-    logger.info(
-        f"pre-flight: checked {len(entries)} case(s) ({n_files} files) in {time.perf_counter() - start:.1f} s with "
-        f"{workers} process(es): {len(errors)} problem(s) in {verdict.n_bad} case(s)"
-    )
-    _stop_on_errors(verdict, len(entries), skip_invalid, DataError, " (case: file: problem -> what to do)",
-                    " (--et_label 3 or 4)", "fix these files, or pass --skip_invalid true to train without these cases")
+    usable = check_datalist(training + incomplete, et_label, skip_invalid=skip_invalid, num_workers=num_workers,
+                            affine_tolerance=affine_tolerance, label_scheme=label_scheme)
     training_ids = {id(e) for e in training}
-    good = [e for e in verdict.good if id(e) in training_ids]
+    good = [e for e in usable if id(e) in training_ids]
     if not good:
-        raise DataError(f"no usable case left after skipping invalid ones:\n{format_problems(errors)}")
+        raise DataError("no usable labeled case left after skipping invalid ones: fix the cases listed above")
     result = {**datalist, "training": good, "incomplete": []}
-    if verdict.problems:
+    if len(good) < len(training) + len(incomplete):
         folds = int(datalist.get("numFolds", 1 + max((int(e["fold"]) for e in good), default=0)))
         left = ", ".join(f"fold {k}: {sum(int(e['fold']) == k for e in good)}" for k in range(folds))
-        logger.warning(
-            f"skip_invalid: skipping {verdict.n_bad} of {len(entries)} case(s):\n{format_problems(verdict.problems)}\n"
-            f"cases left per fold: {left}" + (f" (validation fold {fold})" if fold is not None else "")
-        )
+        logger.warning(f"cases left per fold: {left}" + (f" (validation fold {fold})" if fold is not None else ""))
     return result
 
 

@@ -549,7 +549,7 @@ def benchmark(
 
     Returns the records (also printed).
     """
-    from custom.training.workflow import resolve_device
+    from custom.core.runtime import resolve_device
 
     out = sys.stdout  # the JSON lines; everything else the libraries print goes to stderr
     device = resolve_device(device)

@@ -50,7 +50,7 @@ def _package_dir() -> Path:
 
 def _bundle_dir() -> Path:
     """The bundle folder (``configs/`` inside): ``bundle/`` of the repository, or the unpacked bundle itself."""
-    from custom.training.workflow import bundle_root
+    from custom.core.runtime import bundle_root
 
     root = Path(bundle_root()).resolve()
     if not (root / "configs" / "metadata.json").is_file():
