@@ -15,7 +15,7 @@ from custom.core.errors import clean_exit
 COMMANDS = {
     "synthesize": ("custom.data.synthetic", "synthesize"),
     "datalist": ("custom.data.datalist", "write_datalist"),
-    "evaluate": ("custom.evaluation.metrics", "evaluate_folder"),
+    "evaluate": ("custom.evaluation.folders", "evaluate_folder"),
     "visualize": ("custom.tools.visualize", "visualize"),
     "package": ("custom.tools.package", "package"),
     "benchmark": ("custom.tools.benchmark", "benchmark"),

@@ -9,7 +9,7 @@ from __future__ import annotations
 from custom.core import lock
 from custom.core.errors import clean_exit
 from custom.data import datalist, validation
-from custom.evaluation import metrics
+from custom.evaluation import folders
 from custom.inference import segment
 
 __all__ = ["require_dataset", "dataset_datalist", "preflight_datalist", "lock_output_dir", "release_output_dir", "segment_cases", "evaluate_entries"]
@@ -29,4 +29,4 @@ def dataset_datalist(source: str, folds: int = 5, seed: int = 0) -> dict:
 lock_output_dir = clean_exit(lock.lock_output_dir)
 release_output_dir = lock.release_output_dir
 segment_cases = clean_exit(segment.segment_cases)
-evaluate_entries = clean_exit(metrics.evaluate_entries)
+evaluate_entries = clean_exit(folders.evaluate_entries)

@@ -10,7 +10,7 @@ import torch
 from monai.bundle import ConfigWorkflow
 
 from conftest import CONFIG_DIR, TINY_TRAINING
-from custom.evaluation.metrics import evaluate_folder
+from custom.evaluation.folders import evaluate_folder
 from custom.data.synthetic import case_files, synthesize
 
 TINY = {**TINY_TRAINING, "cache": "none"}

@@ -1,4 +1,4 @@
-"""Lesion-wise metrics (custom.evaluation.metrics with brats-evaluation / panoptica) on hand-made volumes.
+"""Lesion-wise metrics (custom.evaluation.lesions with brats-evaluation / panoptica) on hand-made volumes.
 
 The conversion to the package's label convention and the mapping of its results run without the package; the
 tests that run it skip when the optional extra ``pip install -e .[brats]`` is not installed.
@@ -14,16 +14,9 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from custom.evaluation.metrics import (
-    BRATS_MAX_HD95,
-    LESION_METRICS,
-    case_metrics,
-    csv_columns,
-    evaluate_folder,
-    lesion_columns,
-    lesion_metrics,
-    to_gli_labels,
-)
+from custom.evaluation.folders import csv_columns, evaluate_folder
+from custom.evaluation.lesions import LESION_METRICS, lesion_columns, lesion_metrics, to_gli_labels
+from custom.evaluation.metrics import BRATS_MAX_HD95, case_metrics
 
 HAVE_BRATS_EVALUATION = importlib.util.find_spec("brats_evaluation") is not None
 needs_package = pytest.mark.skipif(

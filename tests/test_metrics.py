@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import csv
 import math
-import sys
 import types
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,12 +15,13 @@ import torch
 from scipy import ndimage
 
 from conftest import swap_et
+import custom.evaluation.folders
+from custom.evaluation.folders import evaluate_folder
 from custom.evaluation.metrics import (
     BRATS_MAX_HD95,
     CSV_COLUMNS,
     REGIONS,
     case_metrics,
-    evaluate_folder,
     labels_to_regions,
     region_metrics,
     summarize,
@@ -341,7 +341,7 @@ def test_evaluate_folder_dataset_reference_uses_the_case_et_label(real_pair, tmp
         unlabelled = types.SimpleNamespace(case_id="no-label", images={}, label=None, et_label=p.ref_et)
         return [case, unlabelled]
 
-    monkeypatch.setitem(sys.modules, "custom.data.datalist", types.SimpleNamespace(discover_cases=discover_cases))
+    monkeypatch.setattr(custom.evaluation.folders, "discover_cases", discover_cases)
     pred_dir = tmp_path / "pred"
     pred_dir.mkdir()
     _link(p.pred_path, pred_dir / f"{p.case_id}.nii.gz")
@@ -357,7 +357,7 @@ def test_evaluate_folder_falls_back_to_flat_matching(real_pair, tmp_path, monkey
     def discover_cases(dataset_dir):
         raise FileNotFoundError("not a BraTS dataset folder")
 
-    monkeypatch.setitem(sys.modules, "custom.data.datalist", types.SimpleNamespace(discover_cases=discover_cases))
+    monkeypatch.setattr(custom.evaluation.folders, "discover_cases", discover_cases)
     pred_dir, ref_dir = tmp_path / "pred", tmp_path / "ref"
     pred_dir.mkdir()
     ref_dir.mkdir()

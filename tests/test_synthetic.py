@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from custom import synthetic
+from custom.data import synthetic
 from custom.data.synthetic import case_files, case_id, ensure_demo_data, synthesize, synthesize_case
 
 SHAPE = (32, 32, 32)

@@ -9,7 +9,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from custom import visualize as vis
+from custom.tools import visualize as vis
 from custom.data.synthetic import synthesize
 
 

