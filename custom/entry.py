@@ -8,11 +8,12 @@ from __future__ import annotations
 
 from custom.core import lock
 from custom.core.errors import clean_exit
+from custom.core.labels import get_scheme
 from custom.data import datalist, validation
 from custom.evaluation import folders
-from custom.inference import segment
+from custom.inference.segment import SegmentationSummary, Segmenter
 
-__all__ = ["require_dataset", "dataset_datalist", "preflight_datalist", "lock_output_dir", "release_output_dir", "segment_cases", "evaluate_entries"]
+__all__ = ["require_dataset", "dataset_datalist", "preflight_datalist", "lock_output_dir", "release_output_dir", "segment", "evaluate"]
 
 require_dataset = clean_exit(datalist.require_dataset)
 preflight_datalist = clean_exit(validation.preflight_datalist)
@@ -28,5 +29,21 @@ def dataset_datalist(source: str, folds: int = 5, seed: int = 0) -> dict:
 
 lock_output_dir = clean_exit(lock.lock_output_dir)
 release_output_dir = lock.release_output_dir
-segment_cases = clean_exit(segment.segment_cases)
-evaluate_entries = clean_exit(folders.evaluate_entries)
+
+
+@clean_exit
+def segment(segmenter: Segmenter) -> SegmentationSummary:
+    """inference.json's run: every case segmented and written (a failed case: exit 1 after the others)."""
+    return segmenter.run()
+
+
+@clean_exit
+def evaluate(segmenter: Segmenter, metrics_csv: str, lesion_wise: bool = False) -> list[dict]:
+    """evaluate.json's run: the validation cases segmented by the inference pipeline, then scored against their
+    labels into ``metrics_csv`` (a case that fails is reported and the others are scored)."""
+    segmenter.run()
+    scheme = get_scheme(segmenter.labels)
+    return folders.evaluate_entries(
+        segmenter.data, segmenter.output_dir, metrics_csv, et_label=scheme.et_label, label_scheme=scheme.name,
+        lesion_wise=lesion_wise,
+    )  # fmt: skip

@@ -177,7 +177,7 @@ def test_package_writes_one_folder_with_the_bundle_and_the_code(tmp_path, small_
     assert {n.split("/")[0] for n in names} == {name}
     for required in ("LICENSE", "large_files.yml", "configs/metadata.json", "configs/inference.json",
                      "configs/train.json", "configs/evaluate.json", "configs/logging.conf", "docs/README.md",
-                     "custom/__init__.py", "custom/network.py", "custom/package.py", "models/"):
+                     "custom/__init__.py", "custom/model/network.py", "custom/tools/package.py", "models/"):
         assert f"{name}/{required}" in names, required
     configs = set(BUNDLE_CONFIGS)  # the bundle's own configs; tests/test_checkpoints.py checks the list is complete
     assert {n.split("/")[-1] for n in names if n.startswith(f"{name}/configs/")} - {""} == configs
@@ -217,7 +217,7 @@ inside = lambda p: os.path.realpath(p or os.getcwd()) == repo or os.path.realpat
 sys.path[:] = [os.getcwd()] + [p for p in sys.path if p and not inside(p)]
 sys.meta_path[:] = [f for f in sys.meta_path if "brats_cascaded_unet" not in (getattr(f, "__module__", "") or "")]
 if module == "--where":
-    import custom, custom.training.workflow
+    import custom, custom.core.runtime
     print("CUSTOM=" + os.path.realpath(custom.__file__))
     print("BUNDLE_ROOT=" + os.path.realpath(custom.core.runtime.bundle_root()))
 else:

@@ -34,8 +34,8 @@ from custom.model.checkpoints import (
 )
 from custom.data.datalist import load_datalist
 from custom.data.datasets import make_dataset
-from custom.inference.ensemble import snapshot_sets
-from custom.inference.inferer import BratsPredictionWriter, load_network
+from custom.inference.ensemble import SnapshotFlipEnsemble, snapshot_sets
+from custom.inference.inferer import BratsPredictionWriter
 from custom.core.io import atomic_path, check_case_ids, safe_case_id
 from custom.model.network import CascadedUNet
 from custom.tools.package import BUNDLE_CONFIGS, package
@@ -196,8 +196,8 @@ def test_real_snapshots_load_with_weights_only_and_restore_the_rng_streams(tmp_p
     assert {"model", "optimizer", "trainer", "rng", "run_id"} <= set(snapshot)
 
     # the documented snapshot ensemble of a training folder
-    ensemble = load_network(CascadedUNet(**SMALL, trilinear_decoder=False), [str(tmp_path)])
-    assert len(ensemble.members) == 2
+    ensemble = SnapshotFlipEnsemble(CascadedUNet(**SMALL, trilinear_decoder=False), [str(tmp_path)], "all", tta=1)
+    assert len(ensemble.load().members) == 2
 
     # a resume from epoch 2 (nothing left to train) puts the RNGs back where the snapshot left them
     np.random.seed(99), random.seed(99), torch.manual_seed(99)

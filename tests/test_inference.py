@@ -12,7 +12,7 @@ from monai.bundle import ConfigWorkflow
 from conftest import CONFIG_DIR, NARROW_NETWORK
 from custom.model.checkpoints import EpochSnapshotSaver
 from custom.inference.ensemble import SnapshotFlipEnsemble, plan_passes
-from custom.inference.inferer import FLIP_DIMS, CheckpointEnsemble, FlipTTAInferer, load_network
+from custom.inference.inferer import FLIP_DIMS, FlipTTAInferer
 from custom.model.network import CascadedUNet
 from custom.data.synthetic import synthesize
 
@@ -58,19 +58,25 @@ def test_ensemble_of_two_checkpoints_is_the_mean_of_both(tmp_path):
         torch.save({"model": net.state_dict(), "epoch": i}, paths[-1])  # a training snapshot
     x = torch.randn(1, 4, 16, 16, 16)
     inferer = FlipTTAInferer(2)
+    network_def = CascadedUNet(init_filters=8, blocks_down=(1, 1, 1, 1), trilinear_decoder=False)
     with torch.no_grad():
         singles = [inferer(x, net) for net in nets]
-        ensemble = load_network(CascadedUNet(init_filters=8, blocks_down=(1, 1, 1, 1), trilinear_decoder=False), paths)
-        assert isinstance(ensemble, CheckpointEnsemble) and not ensemble.training
-        assert torch.allclose(inferer(x, ensemble), (singles[0] + singles[1]) / 2, atol=1e-5)
+        ensemble = SnapshotFlipEnsemble(network_def, paths, "all", tta=2).load()  # one snapshot set per file
+        assert len(ensemble.members) == 2 and not ensemble.training and ensemble.n_passes == 4
+        mean = (singles[0] + singles[1]) / 2
+        assert torch.allclose(inferer(x, ensemble), mean, atol=1e-5)
+        # its forward is the logit of the mean probability: it stands in wherever one network's logits are expected
+        assert torch.allclose(torch.sigmoid(ensemble(x)), mean.clamp(1e-6, 1 - 1e-6), atol=1e-5)
 
 
 def test_missing_or_incompatible_checkpoint_names_the_file(tmp_path):
     with pytest.raises(FileNotFoundError, match="nothere.pt"):
-        load_network(CascadedUNet(init_filters=8), [str(tmp_path / "nothere.pt")])
+        SnapshotFlipEnsemble(CascadedUNet(init_filters=8), [str(tmp_path / "nothere.pt")]).load()
     torch.save(CascadedUNet(init_filters=8).state_dict(), tmp_path / "eight.pt")
+    ensemble = SnapshotFlipEnsemble(CascadedUNet(init_filters=16), [str(tmp_path / "eight.pt")])
     with pytest.raises(RuntimeError, match="eight.pt.*network_def"):
-        load_network(CascadedUNet(init_filters=16), [str(tmp_path / "eight.pt")])
+        ensemble.load()
+    assert not ensemble.loaded and len(ensemble.members) == 0  # a failed load leaves the ensemble empty
 
 
 def _train_snapshots(folder, n_epochs, n_saved=8, seed=0):
@@ -194,7 +200,7 @@ def test_evaluate_config_by_default_scores_the_last_snapshots_not_the_best_model
     evaluation = ConfigWorkflow(config_file=configs, workflow_type=None, **settings)
     evaluation.initialize()
     evaluation.run()
-    network = evaluation.parser.get_parsed_content("evaluate#network")
+    network = evaluation.parser.get_parsed_content("evaluate#segmenter").network
     assert [p.rsplit("/", 1)[1] for p in network.paths] == ["snapshot_epoch=1.pt", "snapshot_epoch=2.pt"]
     rows = (output_dir / "eval" / "metrics.csv").read_text().splitlines()
     assert rows[0].startswith("case_id") and len(rows) > 6
@@ -205,7 +211,7 @@ def test_evaluate_config_by_default_scores_the_last_snapshots_not_the_best_model
     assert best.parser.get_parsed_content("evaluate#metrics_csv") == str(
         output_dir / "eval_best" / "metrics_best_model_selected_on_fold0.csv")
     with pytest.raises(RuntimeError, match="model.pt"):  # it does read model.pt (here not a checkpoint)
-        best.parser.get_parsed_content("evaluate#network").load()
+        best.parser.get_parsed_content("evaluate#segmenter").network.load()
 
 
 def _inference_workflow(dataset_dir, output_dir, checkpoint, **overrides):

@@ -11,6 +11,7 @@ import torch
 from monai.bundle import ConfigParser
 
 from conftest import CONFIG_DIR
+from custom.core.errors import DataError
 from custom.inference.inferer import inference_files
 from custom.inference.segment import QualityCheck, label_volumes, segment_cases, split_by_size
 from custom.data.synthetic import case_files, synthesize
@@ -67,7 +68,7 @@ def test_nan_voxel_fails_its_case_and_the_others_are_written(cases, tmp_path, ca
 
     _rewrite(files["t2"], one_nan)
     out = tmp_path / "out"
-    with pytest.raises(SystemExit) as failure:  # non-zero exit, no traceback
+    with pytest.raises(DataError) as failure:  # the entry point turns it into a clean non-zero exit
         _run(inference_files(str(cases)), out, ThresholdNet())
     message = str(failure.value)
     assert "BraTS2021_00001" in message and "NaN" in message and "t2" in message
@@ -84,7 +85,7 @@ def test_blank_flair_is_a_warning_unless_strict(cases, tmp_path, capsys):
     (flagged,) = [r for r in summary.flagged if r.case_id == "BraTS2021_00002"]
     assert "flair is zero everywhere" in "; ".join(flagged.flags)
     assert "flagged (written; please look at them):\n  BraTS2021_00002: flair is zero everywhere" in capsys.readouterr().out
-    with pytest.raises(SystemExit, match="BraTS2021_00002: .*flair is zero everywhere"):
+    with pytest.raises(DataError, match="BraTS2021_00002: .*flair is zero everywhere"):
         _run(inference_files(str(cases)), tmp_path / "strict", ThresholdNet(), config={"strict": True})
     assert not (tmp_path / "strict" / "BraTS2021_00002.nii.gz").exists()
 

@@ -76,9 +76,9 @@ class LabelScheme:
         is_value = {v: labels == v for v in sorted({v for values in self.region_labels.values() for v in values})}
         masks = {}
         for region, values in self.region_labels.items():
-            mask = is_value[values[0]].copy() if len(values) > 1 else is_value[values[0]]
-            for v in values[1:]:
-                mask |= is_value[v]
+            mask = is_value[values[0]]
+            for v in values[1:]:  # `|`, not a copy and `|=`: keeps the memory order (NIfTI data is Fortran-ordered)
+                mask = mask | is_value[v]
             masks[region] = mask
         return masks
 

@@ -94,7 +94,10 @@ def labels_to_regions(
     et_label = scheme.et_label
     masks = scheme.region_masks(labels)
     if check:
-        bad = ~(masks["wt"] | (labels == 0) | (masks["rc"] if "rc" in masks else False))
+        known = masks["wt"] | (labels == 0)  # every label value is in WT or RC
+        if "rc" in masks:
+            known |= masks["rc"]
+        bad = ~known
         if bad.any():
             found = np.unique(labels[bad]).tolist()
             expected = ", ".join(map(str, scheme.allowed_labels))

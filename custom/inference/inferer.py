@@ -14,21 +14,18 @@ from monai.data import MetaTensor
 from monai.inferers import Inferer
 from monai.transforms import MapTransform
 
-from custom.inference.ensemble import FLIP_DIMS, SnapshotFlipEnsemble, snapshot_sets, sum_flipped_probabilities
-from custom.inference.ensemble import load_weights as _load_weights
+from custom.inference.ensemble import FLIP_DIMS, SnapshotFlipEnsemble, sum_flipped_probabilities
 from custom.core.io import atomic_path, safe_case_id
 from custom.data.datalist import case_id_from_path, discover_cases, implied_et_label, load_datalist
-from custom.core.labels import get_scheme, regions_to_labels
+from custom.core.labels import DEFAULT_SCHEME, get_scheme, regions_to_labels, resolve_label_scheme
 
 __all__ = [
     "FLIP_DIMS",
     "FlipTTAInferer",
-    "CheckpointEnsemble",
-    "load_network",
     "inference_files",
     "RegionsToLabelsd",
     "BratsPredictionWriter",
-    "output_et_label",
+    "dataset_label_scheme",
 ]
 
 logger = logging.getLogger(__name__)
@@ -44,7 +41,7 @@ class FlipTTAInferer(Inferer):
 
     Given a ``custom.inference.ensemble.SnapshotFlipEnsemble`` (inference.json's and evaluate.json's ``network``), it runs the
     flips that the ensemble planned for each of its networks (e.g. the paper's snapshot ``i`` on flip ``i``) instead
-    of ``num_flips`` flips of the whole ensemble; any other network (MONAI Label's, ``load_network``'s) gets
+    of ``num_flips`` flips of the whole ensemble; any other network (MONAI Label's, a plain module) gets
     ``num_flips`` flips.
     """
 
@@ -71,58 +68,6 @@ class FlipTTAInferer(Inferer):
         return total / len(self.flips)
 
 
-class CheckpointEnsemble(torch.nn.Module):
-    """Averages the sigmoid probabilities of several networks (snapshots, folds, trainings).
-
-    Returns the logit of the mean probability, so it drops in wherever one network's logits are expected:
-    ``sigmoid`` of the output is exactly the ensemble's mean probability (clamped to [1e-6, 1 - 1e-6]).
-    """
-
-    def __init__(self, members: Sequence[torch.nn.Module]) -> None:
-        super().__init__()
-        if not members:
-            raise ValueError("CheckpointEnsemble needs at least one network.")
-        self.members = torch.nn.ModuleList(members)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        mean_probability = None
-        for member in self.members:
-            probability = torch.sigmoid(member(x).float())
-            mean_probability = probability if mean_probability is None else mean_probability.add_(probability)
-        assert mean_probability is not None
-        return torch.logit(mean_probability / len(self.members), eps=1e-6)
-
-
-def load_network(
-    network_def: torch.nn.Module,
-    checkpoints: str | Sequence[str],
-    device: str | torch.device = "cpu",
-    compile: bool = False,
-    base_dir: str | None = None,
-) -> torch.nn.Module:
-    """``network_def`` with the weights of ``checkpoints``, in eval mode on ``device``.
-
-    One checkpoint gives the network itself; several give a ``CheckpointEnsemble`` of copies. Every file is
-    loaded (``weights_only=True``) and checked here, before any case is processed; errors name the file.
-    With ``FlipTTAInferer`` this is the ``all`` ensemble; the configs use ``custom.inference.ensemble.SnapshotFlipEnsemble``,
-    which also builds the paper's snapshot-flip ensemble and loads at the start of the run.
-    """
-    import copy
-
-    paths = [path for files in snapshot_sets(checkpoints, "all", base_dir=base_dir) for path in files]
-    members = []
-    for path in paths:
-        member = copy.deepcopy(network_def) if len(paths) > 1 else network_def
-        _load_weights(member, path)
-        members.append(member)
-    network = members[0] if len(members) == 1 else CheckpointEnsemble(members)
-    network = network.to(device).eval()
-    logger.info(f"loaded {len(paths)} checkpoint(s): {', '.join(paths)}")
-    # static shapes: dynamic-shape compilation of strided 3-D convolutions fails in torch 2.13 inductor; every new
-    # crop shape recompiles, so compile pays off for many cases of similar size, not for one case
-    return torch.compile(network, dynamic=False) if compile else network
-
-
 def inference_files(source: str) -> list[dict]:
     """Every case of ``source`` (a BraTS folder in any supported naming, a datalist JSON, a 4-channel NIfTI file or a
     folder of them), labelled or not, as ``{"case_id", "image"}`` entries.
@@ -146,10 +91,17 @@ def inference_files(source: str) -> list[dict]:
     return [{"case_id": e.get("case_id") or case_id_from_path(_first(e["image"])), "image": e["image"]} for e in entries]
 
 
-def output_et_label(source: str) -> int:
-    """The ET label to write: 3 when every input uses the BraTS 2023+ naming, else 4 (2018-2021, 4-channel files)."""
+def dataset_label_scheme(source: str) -> str:
+    """The label scheme to write for the cases of ``source``: the one its labels or file naming show (BraTS 2023+
+    naming: ``brats2023``, or ``brats2024`` when most label maps hold RC 4; 2018-2021 naming and 4-channel files:
+    ``brats2018``); ``brats2018`` when ``source`` does not exist yet. ``--label_scheme`` overrides it."""
     entries = [e for e in inference_files(source) if e["image"]]
-    return implied_et_label(entries) if entries else 4
+    if not entries:
+        return DEFAULT_SCHEME
+    labelled = []  # label maps tell brats2024 (RC 4) from brats2023, which share the file naming
+    if os.path.isdir(source):
+        labelled = [{"label": c.label} for c in discover_cases(source, allow_incomplete=True, incomplete_cases={}) if c.label]
+    return resolve_label_scheme({"et_label": implied_et_label(entries), "training": labelled}).name
 
 
 def _first(image: str | Sequence[str]) -> str:

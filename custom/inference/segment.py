@@ -39,12 +39,13 @@ import torch
 from monai.data import MetaTensor
 
 from custom.core.errors import DataError
+from custom.core.labels import LabelScheme, get_scheme
 from custom.core.naming import case_id_from_path
 from custom.core.distributed import rank_and_world_size
 from custom.core.io import atomic_path
 from custom.data.validation import check_headers
 
-__all__ = ["QualityCheck", "segment_cases", "label_volumes", "split_by_size", "SegmentationSummary"]
+__all__ = ["Segmenter", "QualityCheck", "segment_cases", "label_volumes", "split_by_size", "SegmentationSummary", "load_segmenter"]
 
 logger = logging.getLogger(__name__)
 VOLUMES_CSV = "volumes.csv"
@@ -346,3 +347,53 @@ def segment_cases(
             + "\n  ".join(f"{r.case_id}: {r.detail}" for r in summary.failed)
         )
     return summary
+
+
+@dataclass
+class Segmenter:
+    """The inference pipeline as one component, inference.json's ``evaluator`` (MONAI's name for the inference engine
+    of a bundle): the cases, the ensemble network, preprocessing, flip-TTA inferer, postprocessing, writer, quality
+    check and the settings fingerprint of its outputs; ``run()`` loads the weights and segments the cases
+    (``segment_cases``). evaluate.json builds the same component from inference.json (``load_segmenter``), so there
+    is one definition of the pipeline."""
+
+    data: Sequence[dict]
+    network: torch.nn.Module
+    preprocessing: Callable
+    inferer: Callable
+    postprocessing: Callable
+    writer: Callable[[Mapping], str]
+    labels: LabelScheme | str = "brats2018"
+    device: str | torch.device = "cpu"
+    amp: bool = False
+    quality_check: QualityCheck | None = None
+    settings: Mapping | None = None
+    overwrite: bool = False
+    raise_on_failure: bool = True
+
+    @property
+    def output_dir(self) -> str:
+        return _output_dir(self.writer)
+
+    def run(self) -> SegmentationSummary:
+        if hasattr(self.network, "load"):  # the ensemble's weights load when the run starts, not at config parsing
+            self.network.load()
+        scheme = get_scheme(self.labels)
+        return segment_cases(
+            self.data, self.preprocessing, self.network, self.inferer, self.postprocessing, self.writer, self.device,
+            amp=self.amp, raise_on_failure=self.raise_on_failure, overwrite=self.overwrite,
+            quality_check=self.quality_check, settings=self.settings, et_label=scheme.et_label,
+            rc_label=scheme.rc_label,
+        )  # fmt: skip
+
+
+def load_segmenter(config_file: str, overrides: Mapping) -> Segmenter:
+    """The ``evaluator`` (a ``Segmenter``) of ``config_file`` (inference.json) with ``overrides`` (already resolved values: keys of
+    inference.json such as ``output_dir``, ``checkpoints``, ``tta``, ``label_scheme``, ``network_def``)."""
+    from monai.bundle import ConfigParser
+
+    parser = ConfigParser()
+    parser.read_config(str(config_file))
+    for key, value in overrides.items():
+        parser[key] = value
+    return parser.get_parsed_content("evaluator", instantiate=True)
