@@ -74,7 +74,8 @@ def test_two_ranks_split_the_cases_report_the_broken_one_and_resume(setup):
     assert (output_dir / "volumes.csv").read_text().count("\n") == 5  # header + the 4 written cases
 
     stamps = {p.name: p.stat().st_mtime_ns for p in output_dir.glob("*.nii.gz")}
-    rerun = _command(["inference.json", "multi_gpu_inference.json"], overrides, 2)
+    # --device cpu, a documented key, is a string on the command line: the multi-GPU config must accept it
+    rerun = _command(["inference.json", "multi_gpu_inference.json"], {**overrides, "device": "cpu"}, 2)
     assert "4 already written (skipped" in rerun.stdout, (rerun.stdout + rerun.stderr)[-4000:]
     assert {p.name: p.stat().st_mtime_ns for p in output_dir.glob("*.nii.gz")} == stamps
 
@@ -87,6 +88,8 @@ def test_gathered_metrics_equal_a_single_process(setup):
         configs = ["train.json", "evaluate.json"] + (["multi_gpu_evaluate.json"] if processes > 1 else [])
         overrides = {"dataset_dir": str(cases), "output_dir": str(output_dir), "checkpoints": [str(checkpoint)],
                      "ensemble": "best", "num_folds": 2, "tta": 2, **NARROW_NETWORK}
+        if processes > 1:
+            overrides["device"] = "cpu"  # a string from the command line under the multi-GPU config
         result = _command(configs, overrides, processes)
         assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
         (csv_file,) = output_dir.glob("eval*/*.csv")

@@ -48,7 +48,7 @@ class DataError(ValueError):
     so that callers catching bad values keep working."""
 
     def __init__(self, message: str, problems: Sequence[CaseProblem] = ()) -> None:
-        super().__init__(message)
+        super().__init__(message, tuple(problems))  # all arguments: copies and pickles (worker processes) keep them
         self.message = message
         self.problems = tuple(problems)
 
