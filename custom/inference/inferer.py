@@ -16,7 +16,10 @@ from monai.transforms import MapTransform
 
 from custom.inference.ensemble import FLIP_DIMS, SnapshotFlipEnsemble, sum_flipped_probabilities
 from custom.core.io import atomic_path, safe_case_id
-from custom.data.datalist import case_id_from_path, discover_cases, implied_et_label, load_datalist
+from custom.core.naming import case_id_from_path
+from custom.data.datalist import implied_et_label, load_datalist
+from custom.data.discovery import discover_cases
+from custom.core.errors import DataError
 from custom.core.labels import DEFAULT_SCHEME, get_scheme, regions_to_labels, resolve_label_scheme
 
 __all__ = [
@@ -95,7 +98,10 @@ def dataset_label_scheme(source: str) -> str:
     """The label scheme to write for the cases of ``source``: the one its labels or file naming show (BraTS 2023+
     naming: ``brats2023``, or ``brats2024`` when most label maps hold RC 4; 2018-2021 naming and 4-channel files:
     ``brats2018``); ``brats2018`` when ``source`` does not exist yet. ``--label_scheme`` overrides it."""
-    entries = [e for e in inference_files(source) if e["image"]]
+    try:
+        entries = [e for e in inference_files(source) if e["image"]]
+    except DataError:  # no recognisable case: the run reports it, in one message
+        entries = []
     if not entries:
         return DEFAULT_SCHEME
     labelled = []  # label maps tell brats2024 (RC 4) from brats2023, which share the file naming
