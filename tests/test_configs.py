@@ -84,3 +84,14 @@ def test_one_error_boundary_turns_data_errors_into_a_clean_exit():
         failing(KeyError("bug"))
     copied = pickle.loads(pickle.dumps(DataError("m", [problem])))  # pre-flight worker processes send these back
     assert isinstance(copied, ValueError) and copied.problems[0].kind == "read" and str(copied) == "m"
+
+
+def test_an_explicit_et_label_wins_over_a_detected_scheme(tmp_path):
+    """A 2024 dataset (RC 4 in its label maps) with --et_label 4: the user's key decides, not the detection."""
+    from custom.data.synthetic import synthesize
+
+    synthesize(str(tmp_path / "data"), num_cases=2, shape=(32, 32, 32), seed=1, naming="2024")
+    detected = _parser(["inference.json"], dataset_dir=str(tmp_path / "data"))
+    assert detected.get_parsed_content("labels").name == "brats2024"
+    explicit = _parser(["inference.json"], dataset_dir=str(tmp_path / "data"), et_label=4)
+    assert explicit.get_parsed_content("labels").name == "brats2018"

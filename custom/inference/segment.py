@@ -1,6 +1,7 @@
 """Segmenting a folder of cases: per-case input checks, quality flags, tumor volumes, a summary, many processes.
 
-``segment_cases`` is the ``run`` of inference.json and evaluate.json. For every case it
+``segment_cases`` is what ``Segmenter.run`` does (the ``evaluator`` of inference.json, which evaluate.json builds
+from inference.json). For every case it
 
 1. reports a case that dataset discovery found incomplete, and checks the headers (shapes, finite affines);
 2. skips it when its output already exists, reads whole and was written with the same settings (a fingerprint of
@@ -36,6 +37,7 @@ from dataclasses import dataclass, field
 import nibabel as nib
 import numpy as np
 import torch
+from monai.bundle import ConfigParser
 from monai.data import MetaTensor
 
 from custom.core.errors import DataError
@@ -390,8 +392,6 @@ class Segmenter:
 def load_segmenter(config_file: str, overrides: Mapping) -> Segmenter:
     """The ``evaluator`` (a ``Segmenter``) of ``config_file`` (inference.json) with ``overrides`` (already resolved values: keys of
     inference.json such as ``output_dir``, ``checkpoints``, ``tta``, ``label_scheme``, ``network_def``)."""
-    from monai.bundle import ConfigParser
-
     parser = ConfigParser()
     parser.read_config(str(config_file))
     for key, value in overrides.items():
