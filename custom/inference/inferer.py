@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import os
-import re
 from collections.abc import Callable, Mapping, Sequence
 
 import nibabel as nib
@@ -16,7 +15,7 @@ from monai.transforms import MapTransform
 
 from custom.inference.ensemble import FLIP_DIMS, SnapshotFlipEnsemble, sum_flipped_probabilities
 from custom.core.io import atomic_path, safe_case_id
-from custom.core.naming import case_id_from_path
+from custom.core.naming import case_id_from_path, nifti_stem
 from custom.data.datalist import implied_et_label, load_datalist
 from custom.data.discovery import discover_cases
 from custom.core.errors import DataError
@@ -81,7 +80,7 @@ def inference_files(source: str) -> list[dict]:
     source = str(source)
     if not os.path.exists(source):
         return []  # lets the config be parsed and inspected without data; segment_cases reports it
-    if os.path.isfile(source) and re.search(r"\.nii(\.gz)?$", source):
+    if os.path.isfile(source) and nifti_stem(os.path.basename(source)) is not None:
         return [{"case_id": case_id_from_path(source), "image": [source]}]
     if os.path.isdir(source):
         incomplete: dict[str, str] = {}
