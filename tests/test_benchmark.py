@@ -6,6 +6,7 @@ import io
 import json
 import shutil
 import time
+from pathlib import Path
 
 import nibabel as nib
 import pytest
@@ -13,6 +14,8 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 import custom.tools.benchmark as bench
+from custom.core.runtime import bundle_root
+from custom.inference.ensemble import SnapshotFlipEnsemble
 from custom.model.losses import CascadeDiceLoss
 from custom.model.network import CascadedUNet
 
@@ -96,6 +99,8 @@ def test_inference_and_loader_lines(tiny_run):
     for record in (cascade, anchor):
         assert record["s_per_case"] > 0 and record["peak_memory_mib"] > 0 and record["flips"] == 2
     assert cascade["tta_chunk_used"] == 1  # FlipTTAInferer's CPU default
+    # inference.json's network: the paper's snapshot-flip ensemble of the one checkpoint, all flips on it
+    assert cascade["ensemble"] == "paper" and cascade["forward_passes"] == 2
     assert all(n % 8 == 0 for n in cascade["crop"]) and cascade["full_padded"] == [16, 16, 16]
     ratio = _one(records, measure="infer_case_ratio", mode="eager")
     assert ratio["s_ratio"] == pytest.approx(cascade["s_per_case"] / anchor["s_per_case"], rel=1e-3)
@@ -109,9 +114,20 @@ def test_a_failed_measurement_prints_an_error_line_and_the_others_still_run(monk
     def no_compiler(model, *args, **kwargs):
         raise RuntimeError("torch.compile is unavailable (injected)")
 
+    ensembles = []  # the ensembles the cascade's inference ran: inference.json's SnapshotFlipEnsemble, as inference
+
+    def probabilities(self, x, chunk_size=None, base_inferer=None, activation=torch.sigmoid):
+        ensembles.append((self, chunk_size))
+        return real_probabilities(self, x, chunk_size, base_inferer, activation)
+
+    real_probabilities = SnapshotFlipEnsemble.probabilities
+    monkeypatch.setattr(SnapshotFlipEnsemble, "probabilities", probabilities)
     monkeypatch.setattr(torch, "compile", no_compiler)
     monkeypatch.setattr(bench, "_loader", lambda *a, **k: 1 / 0)
     records = bench.benchmark(**{**TINY, "steps": 1}, measures="loader,infer", compile=True)
+    # one eager call through FlipTTAInferer's ensemble path (the compiled one failed while loading its members)
+    assert len(ensembles) == 1 and ensembles[0][0].loaded and ensembles[0][0].n_passes == 2
+    assert ensembles[0][0].paths[0].endswith("model.pt") and ensembles[0][0].ensemble == "paper"
     assert _lines(capsys.readouterr().out) == records
     assert [(r["measure"], r.get("model"), r.get("mode"), "error" in r) for r in records] == [
         ("infer_case", "cascade", "eager", False),
@@ -127,6 +143,14 @@ def test_a_failed_measurement_prints_an_error_line_and_the_others_still_run(monk
     assert records[0]["s_per_case"] > 0 and records[0]["settings"]["warmup"] == 0
     assert all(COMMON_KEYS <= set(r) for r in records)
     assert all("\n" not in r["error"] and len(r["error"]) <= 400 for r in failed)  # compiler errors run to pages
+
+
+def test_configs_come_from_the_bundle_root():
+    """The configs of ``bundle_root()``: ``bundle/configs`` here, ``configs/`` of an unpacked zip (tests/test_bundle.py
+    runs the benchmark there)."""
+    assert bench.config_dir() == Path(bundle_root()) / "configs"
+    assert bench.config_dir().resolve() == (Path(__file__).resolve().parents[1] / "bundle" / "configs")
+    assert (bench.config_dir() / "inference.json").is_file() and (bench.config_dir() / "train.json").is_file()
 
 
 def test_settings_as_the_command_line_passes_them():

@@ -177,7 +177,8 @@ def test_package_writes_one_folder_with_the_bundle_and_the_code(tmp_path, small_
     assert {n.split("/")[0] for n in names} == {name}
     for required in ("LICENSE", "large_files.yml", "configs/metadata.json", "configs/inference.json",
                      "configs/train.json", "configs/evaluate.json", "configs/logging.conf", "docs/README.md",
-                     "custom/__init__.py", "custom/model/network.py", "custom/tools/package.py", "models/"):
+                     "custom/__init__.py", "custom/__main__.py", "custom/model/network.py",
+                     "custom/tools/package.py", "custom/tools/benchmark.py", "models/"):
         assert f"{name}/{required}" in names, required
     configs = set(BUNDLE_CONFIGS)  # the bundle's own configs; tests/test_checkpoints.py checks the list is complete
     assert {n.split("/")[-1] for n in names if n.startswith(f"{name}/configs/")} - {""} == configs
@@ -194,6 +195,25 @@ def test_package_writes_one_folder_with_the_bundle_and_the_code(tmp_path, small_
     assert not (tmp_path / "w.zip").exists()
     files = bundle_files(with_weights=False)
     assert "models/model.pt" not in files and all(source.is_file() for source in files.values())
+
+    # every tool the zip ships runs from it: imported from the unpacked folder alone, the benchmark on its configs
+    shipped = [n[len(f"{name}/"):] for n in names if n.startswith(f"{name}/custom/tools/") and n.endswith(".py")]
+    tools = {relative: relative[: -len(".py")].replace("/", ".").removesuffix(".__init__") for relative in shipped}
+    assert {"custom.tools", "custom.tools.benchmark", "custom.tools.package", "custom.tools.visualize"} <= set(tools.values())
+    bundle, run = _unpacked_bundle(zip_path, tmp_path)
+    imported = dict(line.split("=", 1) for line in run("--import", *tools.values()).splitlines() if "=" in line)
+    for relative, module in tools.items():
+        assert imported[module] == str(bundle / relative), module
+    assert imported["CONFIG_DIR"] == str(bundle / "configs")  # the benchmark reads the unpacked configs
+    assert "--measures" in run("custom", "benchmark", "--help")
+    # the smallest measurement its command line allows: one whole-case inference, one flip, a 16^3 volume
+    lines = tmp_path / "benchmark.jsonl"
+    run("custom", "benchmark", "--device", "cpu", "--measures", "infer", "--steps", "1", "--tta", "1",
+        "--volume", "16,16,16", "--output", str(lines))
+    records = [json.loads(line) for line in lines.read_text().splitlines()]
+    assert [r["measure"] for r in records] == ["infer_case", "infer_case", "infer_case_ratio"]
+    assert all("error" not in r for r in records), records
+    assert records[0]["ensemble"] == "paper" and records[0]["s_per_case"] > 0
 
 
 def test_package_with_weights_ships_models_model_pt(tmp_path):
@@ -220,6 +240,12 @@ if module == "--where":
     import custom, custom.core.runtime
     print("CUSTOM=" + os.path.realpath(custom.__file__))
     print("BUNDLE_ROOT=" + os.path.realpath(custom.core.runtime.bundle_root()))
+elif module == "--import":  # the modules named, where each came from, and the configs the benchmark reads
+    import importlib
+    for name in sys.argv[3:]:
+        print(name + "=" + os.path.realpath(importlib.import_module(name).__file__))
+    import custom.tools.benchmark
+    print("CONFIG_DIR=" + os.path.realpath(custom.tools.benchmark.config_dir()))
 else:
     sys.argv = [module] + sys.argv[3:]
     runpy.run_module(module, run_name="__main__", alter_sys=True)
@@ -232,9 +258,10 @@ def _clean_env() -> dict:
     return env
 
 
-def test_unzipped_bundle_trains_and_infers_without_the_repository(real_case, tmp_path):
+def _unpacked_bundle(zip_path: Path, tmp_path: Path):
+    """Unzips ``zip_path`` under ``tmp_path``; returns the bundle folder and ``run(module, *args)``, which runs a
+    module (or ``--where`` / ``--import``, see ``ISOLATED_RUNNER``) there with only the bundle's copy of ``custom``."""
     name = json.loads(META_FILE.read_text())["name"]
-    zip_path = Path(package(output=str(tmp_path / "dist" / "bundle.zip")))
     unpacked = tmp_path / "unpacked"
     unpacked.mkdir()
     zipfile.ZipFile(zip_path).extractall(unpacked)
@@ -246,6 +273,13 @@ def test_unzipped_bundle_trains_and_infers_without_the_repository(real_case, tmp
 
     def run(module, *args, timeout=240):
         return _run([sys.executable, str(runner), str(REPO_ROOT), module, *args], cwd=bundle, env=env, timeout=timeout)
+
+    return bundle, run
+
+
+def test_unzipped_bundle_trains_and_infers_without_the_repository(real_case, tmp_path):
+    zip_path = Path(package(output=str(tmp_path / "dist" / "bundle.zip")))
+    bundle, run = _unpacked_bundle(zip_path, tmp_path)
 
     where = dict(line.split("=", 1) for line in run("--where").splitlines() if "=" in line)
     assert where["CUSTOM"] == str(bundle / "custom" / "__init__.py")

@@ -221,9 +221,14 @@ def test_ensure_demo_data_never_touches_a_foreign_folder(tmp_path):
     assert (empty / case_id(0) / f"{case_id(0)}_seg.nii.gz").is_file()
 
 
-def test_command_line(tmp_path, capsys):
-    assert synthetic.main(["--output_dir", str(tmp_path), "--num_cases", "1", "--shape", "16,16,20",
-                           "--naming", "2023", "--seed", "5"]) == 0  # fmt: skip
+def test_command_line(tmp_path, capsys, monkeypatch):
+    """``python -m custom synthesize``, the one command line (python-fire turns 16,16,20 into a tuple)."""
+    import custom.__main__
+
+    assert not hasattr(synthetic, "main") and not hasattr(synthetic, "build_parser")  # no second, argparse CLI
+    monkeypatch.setattr("sys.argv", ["custom", "synthesize", "--output_dir", str(tmp_path), "--num_cases", "1",
+                                     "--shape", "16,16,20", "--naming", "2023", "--seed", "5"])  # fmt: skip
+    custom.__main__.main()
     assert "synthesized 1" in capsys.readouterr().out
     image = nib.load(str(tmp_path / "BraTS-GLI-00000-000" / "BraTS-GLI-00000-000-t2f.nii.gz"))
     assert image.shape == (16, 16, 20)

@@ -9,8 +9,10 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from custom.tools import visualize as vis
+from custom.core.labels import SCHEMES
+from custom.core.naming import SEQUENCE_NAMES
 from custom.data.synthetic import synthesize
+from custom.tools import visualize as vis
 
 
 def _colour_fraction(png: np.ndarray, rgb, tol=0.12) -> float:
@@ -23,6 +25,12 @@ def _colour_fraction(png: np.ndarray, rgb, tol=0.12) -> float:
     else:  # yellow
         mask = (r - b > 0.3) & (g - b > 0.3) & (np.abs(r - g) < tol)
     return float(mask.mean())
+
+
+def _is_rc_colour(png: np.ndarray) -> np.ndarray:
+    """Pixels of the resection cavity's colour (blue, drawn at 50 % over grey, or full in the legend)."""
+    r, g, b = png[..., 0], png[..., 1], png[..., 2]
+    return (b - r > 0.3) & (b - g > 0.25)
 
 
 @pytest.fixture(scope="module")
@@ -74,7 +82,7 @@ def test_synthetic_case_folder_files_and_four_channel_file(synthetic_case, tmp_p
     for name, data in (("last.nii.gz", stack), ("first.nii.gz", np.moveaxis(stack, -1, 0))):
         nib.save(nib.Nifti1Image(data, affine), str(tmp_path / name))
         _, four, _ = vis.load_case(str(tmp_path / name))
-        for seq in vis.SEQUENCE_NAMES:
+        for seq in SEQUENCE_NAMES:
             assert np.array_equal(four[seq], volumes[seq]), (name, seq)
     # prediction given as a folder holding <case_id>.nii.gz
     preds = tmp_path / "preds"
@@ -128,8 +136,50 @@ def test_clear_errors(synthetic_case, tmp_path):
     assert not (tmp_path / "x.png").exists()
 
 
-def test_command_line(synthetic_case, tmp_path, capsys):
+def test_command_line(synthetic_case, tmp_path, monkeypatch):
+    """``python -m custom visualize``, the one command line (no argparse copy in the module)."""
+    import custom.__main__
+
+    assert not hasattr(vis, "main") and not hasattr(vis, "build_parser")
     out = tmp_path / "cli.png"
-    assert vis.main(["--case", str(synthetic_case), "--prediction",
-                     str(synthetic_case / "BraTS2021_00000_seg.nii.gz"), "--output", str(out)]) == 0  # fmt: skip
-    assert capsys.readouterr().out.strip() == str(out) and out.is_file()
+    monkeypatch.setattr("sys.argv", ["custom", "visualize", "--case", str(synthetic_case), "--prediction",
+                                     str(synthetic_case / "BraTS2021_00000_seg.nii.gz"), "--output", str(out),
+                                     "--label_scheme", "brats2018"])  # fmt: skip
+    custom.__main__.main()
+    assert out.is_file() and mpimg.imread(str(out)).shape[1] > 900
+
+
+def test_brats2024_resection_cavity_in_its_own_colour(tmp_path):
+    """A brats2024 map (ET 3, RC 4) is detected from its values, and RC is drawn in its own colour exactly where the
+    map holds 4: against the same map with its RC voxels relabelled edema (same slices, same legend), every pixel
+    that changed is RC-coloured in the first picture and edema-green in the second."""
+    case = tmp_path / "data" / synthesize(tmp_path / "data", 1, (32, 32, 32), seed=0, naming="2024")[0]
+    seg_path = next(case.glob("*-seg.nii.gz"))
+    seg = nib.load(str(seg_path))
+    labels = np.asarray(seg.dataobj)
+    assert {3, 4} <= set(np.unique(labels).tolist()), "the case needs ET 3 and RC 4"
+    no_rc = tmp_path / "relabelled" / seg_path.name  # the same file name: the same title
+    no_rc.parent.mkdir()
+    nib.save(nib.Nifti1Image(np.where(labels == 4, 2, labels).astype(np.uint8), seg.affine, seg.header), str(no_rc))
+
+    with_rc = mpimg.imread(vis.visualize(case, seg_path, tmp_path / "rc.png"))[..., :3]
+    relabelled = mpimg.imread(vis.visualize(case, no_rc, tmp_path / "edema.png", label_scheme="brats2024"))[..., :3]
+    assert with_rc.shape == relabelled.shape
+    changed = np.abs(with_rc - relabelled).max(axis=-1) > 1e-3
+    assert changed.sum() > 200, "the cavity must show in the slices through the labelled voxels"
+    rc_pixels = _is_rc_colour(with_rc)
+    assert rc_pixels[changed].mean() > 0.97  # the cavity: RC blue where the map holds 4 ...
+    r, g, b = relabelled[..., 0], relabelled[..., 1], relabelled[..., 2]
+    assert ((g - r > 0.3) & (g - b > 0.3))[changed].mean() > 0.97  # ... drawn as edema once relabelled
+    assert rc_pixels[~changed].sum() > 0  # the legend's "4 resection cavity" patch (in both pictures)
+    for colour in ("red", "green", "yellow"):  # NETC 1, SNFH 2 and ET 3 still drawn
+        assert _colour_fraction(with_rc, colour) > 1e-4, colour
+
+    # the overlay itself: RC's colour on exactly the voxels labelled 4, ET's on those labelled 3
+    rgba = vis._overlay(labels, SCHEMES["brats2024"])
+    assert np.array_equal(np.all(np.isclose(rgba[..., :3], vis.COLOURS["rc"]), axis=-1), labels == 4)
+    assert np.array_equal(np.all(np.isclose(rgba[..., :3], vis.COLOURS["et"]), axis=-1), labels == 3)
+    assert np.array_equal(rgba[..., 3] > 0, labels > 0)
+    # without the scheme's RC (brats2023 reading) a 4 is no label: a clear error, not a silent picture
+    with pytest.raises(ValueError, match=r"label values \[4\] are not labels of brats2023.*label_scheme"):
+        vis.visualize(case, seg_path, tmp_path / "bad.png", label_scheme="brats2023")

@@ -32,11 +32,9 @@ The files use the real BraTS folder layout, file names, dtypes (int16 images, ui
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import shutil
-import sys
 import time
 import uuid
 from collections.abc import Sequence
@@ -60,7 +58,6 @@ __all__ = [
     "synthesize_case",
     "synthesize",
     "ensure_demo_data",
-    "main",
 ]
 
 #: naming -> (case id pattern, separator, file suffix per sequence (+ "seg"), label scheme of its labels)
@@ -490,30 +487,3 @@ def ensure_demo_data(
         shutil.rmtree(tmp, ignore_errors=True)
         shutil.rmtree(trash, ignore_errors=True)
     return str(folder)
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# command line
-
-
-def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
-    parser = parser or argparse.ArgumentParser(
-        prog="python -m custom synthesize", description="Write synthetic BraTS-like cases (real BraTS layout)."
-    )
-    parser.add_argument("--output_dir", required=True, help="folder to write the case folders into")
-    parser.add_argument("--num_cases", type=int, default=40)
-    parser.add_argument("--shape", default="64,64,64", help="volume size, e.g. 64,64,64 (default) or 96")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--naming", default="2021", choices=sorted(NAMINGS), help="BraTS file naming and labels (2024: with resection cavity 4)")
-    parser.add_argument("--spacing", default="1,1,1", help="voxel size in mm, e.g. 1,1,1")
-    return parser
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    synthesize(args.output_dir, args.num_cases, args.shape, args.seed, args.naming, args.spacing)
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -13,8 +13,10 @@ Prints one JSON line per measurement (and appends them to ``--output``):
     one whole case as ``inference.json`` runs it: the brain's bounding-box crop of ``--volume`` (a synthetic
     ellipsoidal brain with the bounding-box proportions of the BraTS 2023 case BraTS-GLI-00001-000), or of a real
     case with ``--case DIR`` (the folder of one BraTS case, any naming) through the bundle's own preprocessing;
-    one checkpoint of random weights loaded with ``custom.inference.inferer.load_network``, ``FlipTTAInferer`` with
-    ``--tta`` flips in chunks of ``--tta_chunk``; eager and compiled. The anchor runs the same number of flips in
+    inference.json's ``network`` (``custom.inference.ensemble.SnapshotFlipEnsemble``, ``paper`` ensemble) over one
+    checkpoint of random weights, loaded as inference.json's ``run`` loads it, and its ``inferer``
+    (``FlipTTAInferer``) with ``--tta`` flips in chunks of ``--tta_chunk``; eager and compiled (the ensemble's
+    ``compile``). The anchor runs the same number of flips in
     a plain loop on the full (not cropped) volume, as the anchor bundle does; ``infer_case_ratio`` gives
     cascade/anchor.
 ``loader``
@@ -28,6 +30,10 @@ activations); on CPU the peak resident set size over the timed steps minus the R
 peaks below an earlier one). Each line's ``memory_method`` says which.
 
 Each measurement catches its own failure (no compiler, out of memory) and prints a line with ``"error"``.
+
+The configs are those of ``custom.core.runtime.bundle_root()``: ``bundle/configs`` in the repository,
+``configs/`` of an unpacked bundle zip, so the benchmark runs from either; their ``label_scheme`` is set to the
+default (``brats2018``: 3 output regions, as the anchor's), so no dataset is read to build a network.
 """
 
 from __future__ import annotations
@@ -48,6 +54,9 @@ from pathlib import Path
 
 import torch
 
+from custom.core.labels import DEFAULT_SCHEME
+from custom.core.runtime import bundle_root, resolve_device
+
 __all__ = ["MEASURES", "REAL_CASE_BRAIN_FRACTION", "benchmark", "anchor_network", "anchor_loss", "synthetic_brain"]
 
 MEASURES = ("train", "infer", "loader")
@@ -55,7 +64,10 @@ MEASURES = ("train", "infer", "loader")
 #: bounding box of the brain in the BraTS 2023 case BraTS-GLI-00001-000 (140x190x137 of 240x240x155), per axis
 REAL_CASE_BRAIN_FRACTION = (140 / 240, 190 / 240, 137 / 155)
 
-_CONFIG_DIR = Path(__file__).resolve().parents[1] / "bundle" / "configs"
+
+def config_dir() -> Path:
+    """The bundle's configs: ``bundle/configs`` of the repository or ``configs/`` of the unpacked bundle."""
+    return Path(bundle_root()) / "configs"
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -270,7 +282,7 @@ def _count_flops(build: Callable[[], tuple[torch.nn.Module, torch.nn.Module]], i
             with FlopCounterMode(display=False) as counter:
                 loss_fn(network(x), y).backward()
             return int(counter.get_total_flops())
-        except (NotImplementedError, RuntimeError):
+        except RuntimeError:  # NotImplementedError (no meta kernel) included
             if where == device:
                 raise
     raise AssertionError("unreachable")
@@ -284,7 +296,12 @@ def _config(name: str):
     from monai.bundle import ConfigParser
 
     parser = ConfigParser()
-    parser.read_config(str(_CONFIG_DIR / name))
+    path = config_dir() / name
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing: the benchmark measures the bundle's own configs")
+    parser.read_config(str(path))
+    # the paper's 3 regions (as the anchor's 3 outputs), never read from a dataset that may lie at the default path
+    parser["label_scheme"] = DEFAULT_SCHEME
     return parser
 
 
@@ -338,8 +355,7 @@ def _train_step(name: str, mode: str, patch, steps: int, warmup: int, device: to
         "memory_method": timing["memory_method"],
         "parameters": parameters,
     }
-    del model, network, optimizer, x, y
-    return record
+    return record  # the models and tensors go with this frame; attempt() then collects them
 
 
 def synthetic_brain(
@@ -401,17 +417,25 @@ def _inference_inputs(volume, case: str | None, seed: int) -> dict:
 
 def _infer_cascade(mode: str, inputs: dict, tta: int, tta_chunk, steps: int, warmup: int, device: torch.device,
                    amp: bool) -> dict:
-    from custom.inference.ensemble import flip_chunk_size
-    from custom.inference.inferer import FlipTTAInferer, load_network
+    """inference.json's ``network`` (the snapshot-flip ensemble) and ``inferer`` (flip TTA) as its ``run`` uses them,
+    over one checkpoint of random weights: the paper ensemble of one ``model.pt`` runs all ``tta`` flips on it."""
+    from custom.inference.ensemble import SnapshotFlipEnsemble, flip_chunk_size
 
     memory = _PeakMemory(device)
     parser = _config("inference.json")
     with tempfile.TemporaryDirectory() as tmp:
         checkpoint = os.path.join(tmp, "model.pt")
         torch.save(parser.get_parsed_content("network_def", lazy=False).state_dict(), checkpoint)
-        network = load_network(parser.get_parsed_content("network_def", lazy=False), [checkpoint], device,
-                               compile=mode == "compiled")
-    inferer = FlipTTAInferer(num_flips=tta, chunk_size=tta_chunk)
+        overrides = {"checkpoints": [checkpoint], "tta": int(tta), "tta_chunk_size": tta_chunk, "device": device,
+                     "compile": mode == "compiled"}
+        for key, value in overrides.items():
+            parser[key] = value
+        network = parser.get_parsed_content("network", lazy=False)
+        if not isinstance(network, SnapshotFlipEnsemble):
+            raise TypeError(f"inference.json's network is a {type(network).__name__}, not the SnapshotFlipEnsemble "
+                            "that this measurement times")
+        network.load()  # as inference.json's run starts: every checkpoint read before the first case
+    inferer = parser.get_parsed_content("inferer", lazy=False)
     image = inputs["image"]
     autocast = _autocast(device, amp)
 
@@ -420,16 +444,16 @@ def _infer_cascade(mode: str, inputs: dict, tta: int, tta_chunk, steps: int, war
             inferer(image.to(device), network)[0].float().cpu()
 
     timing = _time_calls(call, steps, warmup, device, memory)
-    record = {
+    return {
         **_case_timing(timing),
         "tta_chunk_used": flip_chunk_size(tta_chunk, device),
+        "ensemble": network.ensemble,
+        "forward_passes": network.n_passes,
     }
-    del network
-    return record
 
 
 def _infer_anchor(inputs: dict, tta: int, steps: int, warmup: int, device: torch.device, amp: bool) -> dict:
-    from custom.inference.inferer import FLIP_DIMS
+    from custom.inference.ensemble import FLIP_DIMS
 
     memory = _PeakMemory(device)
     network = anchor_network().to(device).eval()
@@ -447,9 +471,7 @@ def _infer_anchor(inputs: dict, tta: int, steps: int, warmup: int, device: torch
                 total = probability if total is None else total.add_(probability)
             (total / len(flips)).cpu()
 
-    timing = _time_calls(call, steps, warmup, device, memory)
-    del network
-    return _case_timing(timing)
+    return _case_timing(_time_calls(call, steps, warmup, device, memory))
 
 
 def _loader(volume, patch, workers: int, num_cases: int, min_samples: int, seed: int) -> dict:
@@ -549,8 +571,6 @@ def benchmark(
 
     Returns the records (also printed).
     """
-    from custom.core.runtime import resolve_device
-
     out = sys.stdout  # the JSON lines; everything else the libraries print goes to stderr
     device = resolve_device(device)
     patch, volume = _triple(patch, "patch"), _triple(volume, "volume")
@@ -647,8 +667,10 @@ def benchmark(
             results[("cascade", mode)] = attempt(head, work)
         head = {"measure": "infer_case", "model": "anchor", "mode": "eager", "flips": int(tta)}
         results[("anchor", "eager")] = attempt(
-            head, lambda: {"input": "full volume, flips in a loop", **_infer_anchor(inputs(), int(tta), steps, warmup,
-                                                                                     device, amp), **shapes()})
+            head,
+            lambda: {"input": "full volume, flips in a loop",
+                     **_infer_anchor(inputs(), int(tta), steps, warmup, device, amp), **shapes()},
+        )
         for mode in modes:  # the anchor bundle runs eager
             ratio("infer_case_ratio", mode, results[("cascade", mode)], results[("anchor", "eager")],
                   {"s_ratio": "s_per_case", "memory_ratio": "peak_memory_mib"})

@@ -115,7 +115,7 @@ def bundle_files(with_weights: bool = False, weights: str | os.PathLike | None =
         if not _regular_file(source):
             raise FileNotFoundError(
                 f"{source} is missing (or a symbolic link): it is one of the bundle's configs (BUNDLE_CONFIGS of "
-                "custom/package.py); restore it, or take it off that list."
+                "custom/tools/package.py); restore it, or take it off that list."
             )
         files[f"configs/{name}"] = source
     if not _regular_file(bundle_dir / "docs" / "README.md"):
@@ -200,22 +200,5 @@ def package(
     print(f"wrote {output} ({len(files)} files, {size:.1f} MiB, {weights_note}); it unpacks to {name}/")
     left_out = sorted(p.name for p in (bundle_dir / "configs").iterdir() if p.name not in BUNDLE_CONFIGS)
     if left_out:
-        print(f"left out of configs/ (not in BUNDLE_CONFIGS of custom/package.py): {', '.join(left_out)}")
+        print(f"left out of configs/ (not in BUNDLE_CONFIGS of custom/tools/package.py): {', '.join(left_out)}")
     return str(output)
-
-
-def main(argv: list[str] | None = None) -> int:
-    """``python -m custom.tools.package``: the same as ``python -m custom package``."""
-    import argparse
-
-    parser = argparse.ArgumentParser(prog="python -m custom package", description=package.__doc__.splitlines()[0])
-    parser.add_argument("--output", default=None, help="zip to write (default dist/<name>_v<version>.zip)")
-    parser.add_argument("--with_weights", action="store_true", help="include bundle/models/model.pt")
-    parser.add_argument("--weights", default=None, help="include this checkpoint as models/model.pt")
-    args = parser.parse_args(argv)
-    package(args.output, args.with_weights, args.weights)
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
