@@ -13,7 +13,15 @@ from custom.data import datalist, validation
 from custom.evaluation import folders
 from custom.inference.segment import SegmentationSummary, Segmenter
 
-__all__ = ["require_dataset", "dataset_datalist", "preflight_datalist", "lock_output_dir", "release_output_dir", "segment", "evaluate"]
+__all__ = [
+    "require_dataset",
+    "dataset_datalist",
+    "preflight_datalist",
+    "lock_output_dir",
+    "release_output_dir",
+    "segment",
+    "evaluate",
+]
 
 require_dataset = clean_exit(datalist.require_dataset)
 preflight_datalist = clean_exit(validation.preflight_datalist)

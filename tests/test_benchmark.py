@@ -60,7 +60,13 @@ def test_every_line_is_json_with_the_common_keys(tiny_run):
     printed = _lines(stdout)
     assert printed == records and _lines(output.read_text()) == records
     assert [r["measure"] for r in records] == [
-        "train_step", "train_step", "train_step_ratio", "infer_case", "infer_case", "infer_case_ratio", "loader"
+        "train_step",
+        "train_step",
+        "train_step_ratio",
+        "infer_case",
+        "infer_case",
+        "infer_case_ratio",
+        "loader",
     ]
     for record in records:
         assert COMMON_KEYS <= set(record), record

@@ -14,8 +14,8 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
-
 from conftest import CONFIG_DIR, NARROW_NETWORK, REPO_ROOT
+
 from custom.model.network import CascadedUNet
 from custom.tools.package import BUNDLE_CONFIGS, bundle_files, default_output, package
 
@@ -74,8 +74,18 @@ def test_metadata_has_what_the_specification_and_this_project_ask():
     references = " ".join(meta["references"])
     assert "Two-Stage Cascaded U-Net" in references and "BRATS" in references and "Baid" in references
     assert not meta.get("eval_metrics")  # no BraTS accuracy was measured by this project; the paper's is cited
-    for key in ("task", "description", "authors", "copyright", "data_source", "data_type", "image_classes",
-                "label_classes", "pred_classes", "intended_use"):
+    for key in (
+        "task",
+        "description",
+        "authors",
+        "copyright",
+        "data_source",
+        "data_type",
+        "image_classes",
+        "label_classes",
+        "pred_classes",
+        "intended_use",
+    ):
         assert meta[key], key
     assert "0.9094" in meta["description"] and "paper" in meta["description"]  # the paper's figures, as the paper's
 
@@ -84,8 +94,20 @@ def test_metadata_has_what_the_specification_and_this_project_ask():
 def test_verify_metadata_offline_against_the_specification_schema(tmp_path):
     schema_md5 = hashlib.md5(SCHEMA.read_bytes()).hexdigest()
     before = SCHEMA.stat().st_mtime_ns
-    log = _run([sys.executable, "-m", "monai.bundle", "verify_metadata", "--meta_file", str(META_FILE),
-                "--filepath", str(SCHEMA), "--hash_val", schema_md5])
+    log = _run(
+        [
+            sys.executable,
+            "-m",
+            "monai.bundle",
+            "verify_metadata",
+            "--meta_file",
+            str(META_FILE),
+            "--filepath",
+            str(SCHEMA),
+            "--hash_val",
+            schema_md5,
+        ]
+    )
     assert "skipped downloading" in log and "metadata is verified with no error" in log
     assert SCHEMA.stat().st_mtime_ns == before  # the local schema was used, nothing was downloaded over it
 
@@ -117,9 +139,26 @@ def test_ckpt_export_torchscript_equals_the_eager_network(small_checkpoint, tmp_
     from monai.data import load_net_with_metadata
 
     exported = tmp_path / "model.ts"
-    _run([sys.executable, "-m", "monai.bundle", "ckpt_export", "network_def", "--filepath", str(exported),
-          "--ckpt_file", str(small_checkpoint), "--meta_file", str(META_FILE), "--config_file", str(INFERENCE_CONFIG),
-          "--use_trace", "True", *_cli_overrides(NARROW_NETWORK)])
+    _run(
+        [
+            sys.executable,
+            "-m",
+            "monai.bundle",
+            "ckpt_export",
+            "network_def",
+            "--filepath",
+            str(exported),
+            "--ckpt_file",
+            str(small_checkpoint),
+            "--meta_file",
+            str(META_FILE),
+            "--config_file",
+            str(INFERENCE_CONFIG),
+            "--use_trace",
+            "True",
+            *_cli_overrides(NARROW_NETWORK),
+        ]
+    )
     traced, meta, extra = load_net_with_metadata(str(exported), more_extra_files=["inference.json"])
     assert meta["network_data_format"]["outputs"]["pred"]["channel_def"] == {"0": "TC", "1": "WT", "2": "ET"}
     assert json.loads(extra["inference.json"])["network_def"]["_target_"] == "custom.model.network.CascadedUNet"
@@ -145,9 +184,28 @@ def test_onnx_export_equals_the_eager_network(small_checkpoint, tmp_path):
     import onnxruntime
 
     exported = tmp_path / "model.onnx"
-    _run([sys.executable, "-m", "monai.bundle", "onnx_export", "network_def", "--filepath", str(exported),
-          "--ckpt_file", str(small_checkpoint), "--meta_file", str(META_FILE), "--config_file", str(INFERENCE_CONFIG),
-          "--use_trace", "True", "--converter_kwargs", ONNX_KWARGS, *_cli_overrides(NARROW_NETWORK)])
+    _run(
+        [
+            sys.executable,
+            "-m",
+            "monai.bundle",
+            "onnx_export",
+            "network_def",
+            "--filepath",
+            str(exported),
+            "--ckpt_file",
+            str(small_checkpoint),
+            "--meta_file",
+            str(META_FILE),
+            "--config_file",
+            str(INFERENCE_CONFIG),
+            "--use_trace",
+            "True",
+            "--converter_kwargs",
+            ONNX_KWARGS,
+            *_cli_overrides(NARROW_NETWORK),
+        ]
+    )
     session = onnxruntime.InferenceSession(str(exported), providers=["CPUExecutionProvider"])
     torch.manual_seed(1)
     x = torch.randn(1, 4, 16, 24, 32)  # dynamic spatial axes: not the 8^3 export shape
@@ -175,31 +233,48 @@ def test_package_writes_one_folder_with_the_bundle_and_the_code(tmp_path, small_
     zip_path = Path(package(output=str(tmp_path / "out" / "bundle.zip")))
     names = _names(zip_path)
     assert {n.split("/")[0] for n in names} == {name}
-    for required in ("LICENSE", "large_files.yml", "configs/metadata.json", "configs/inference.json",
-                     "configs/train.json", "configs/evaluate.json", "configs/logging.conf", "docs/README.md",
-                     "custom/__init__.py", "custom/__main__.py", "custom/model/network.py",
-                     "custom/tools/package.py", "custom/tools/benchmark.py", "models/"):
+    for required in (
+        "LICENSE",
+        "large_files.yml",
+        "configs/metadata.json",
+        "configs/inference.json",
+        "configs/train.json",
+        "configs/evaluate.json",
+        "configs/logging.conf",
+        "docs/README.md",
+        "custom/__init__.py",
+        "custom/__main__.py",
+        "custom/model/network.py",
+        "custom/tools/package.py",
+        "custom/tools/benchmark.py",
+        "models/",
+    ):
         assert f"{name}/{required}" in names, required
     configs = set(BUNDLE_CONFIGS)  # the bundle's own configs; tests/test_checkpoints.py checks the list is complete
     assert {n.split("/")[-1] for n in names if n.startswith(f"{name}/configs/")} - {""} == configs
     assert not any("__pycache__" in n or n.endswith(".pyc") for n in names)
-    assert not any(n.startswith(f"{name}/models/") and n not in (f"{name}/models/", f"{name}/models/README.md")
-                   for n in names)  # no weights by default, only the note on how to get them
+    assert not any(
+        n.startswith(f"{name}/models/") and n not in (f"{name}/models/", f"{name}/models/README.md") for n in names
+    )  # no weights by default, only the note on how to get them
     assert "Apache License" in zipfile.ZipFile(zip_path).read(f"{name}/LICENSE").decode()
     assert [p.name for p in zip_path.parent.iterdir()] == ["bundle.zip"]  # no temporary file left behind
 
     with pytest.raises(FileNotFoundError, match="nothere.pt"):
         package(output=str(tmp_path / "w.zip"), weights=str(tmp_path / "nothere.pt"))
-    with pytest.raises(ValueError, match="do not fit `network_def`"):  # weights of another network_def than inference.json's
+    with pytest.raises(
+        ValueError, match="do not fit `network_def`"
+    ):  # weights of another network_def than inference.json's
         package(output=str(tmp_path / "w.zip"), weights=str(small_checkpoint))
     assert not (tmp_path / "w.zip").exists()
     files = bundle_files(with_weights=False)
     assert "models/model.pt" not in files and all(source.is_file() for source in files.values())
 
     # every tool the zip ships runs from it: imported from the unpacked folder alone, the benchmark on its configs
-    shipped = [n[len(f"{name}/"):] for n in names if n.startswith(f"{name}/custom/tools/") and n.endswith(".py")]
+    shipped = [n[len(f"{name}/") :] for n in names if n.startswith(f"{name}/custom/tools/") and n.endswith(".py")]
     tools = {relative: relative[: -len(".py")].replace("/", ".").removesuffix(".__init__") for relative in shipped}
-    assert {"custom.tools", "custom.tools.benchmark", "custom.tools.package", "custom.tools.visualize"} <= set(tools.values())
+    assert {"custom.tools", "custom.tools.benchmark", "custom.tools.package", "custom.tools.visualize"} <= set(
+        tools.values()
+    )
     bundle, run = _unpacked_bundle(zip_path, tmp_path)
     imported = dict(line.split("=", 1) for line in run("--import", *tools.values()).splitlines() if "=" in line)
     for relative, module in tools.items():
@@ -208,8 +283,22 @@ def test_package_writes_one_folder_with_the_bundle_and_the_code(tmp_path, small_
     assert "--measures" in run("custom", "benchmark", "--help")
     # the smallest measurement its command line allows: one whole-case inference, one flip, a 16^3 volume
     lines = tmp_path / "benchmark.jsonl"
-    run("custom", "benchmark", "--device", "cpu", "--measures", "infer", "--steps", "1", "--tta", "1",
-        "--volume", "16,16,16", "--output", str(lines))
+    run(
+        "custom",
+        "benchmark",
+        "--device",
+        "cpu",
+        "--measures",
+        "infer",
+        "--steps",
+        "1",
+        "--tta",
+        "1",
+        "--volume",
+        "16,16,16",
+        "--output",
+        str(lines),
+    )
     records = [json.loads(line) for line in lines.read_text().splitlines()]
     assert [r["measure"] for r in records] == ["infer_case", "infer_case", "infer_case_ratio"]
     assert all("error" not in r for r in records), records
@@ -253,7 +342,9 @@ else:
 
 
 def _clean_env() -> dict:
-    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME", "PYTHONSAFEPATH", "PYTHONSTARTUP")}
+    env = {
+        k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME", "PYTHONSAFEPATH", "PYTHONSTARTUP")
+    }
     env["OMP_NUM_THREADS"] = env.get("OMP_NUM_THREADS", "2")
     return env
 
@@ -287,14 +378,34 @@ def test_unzipped_bundle_trains_and_infers_without_the_repository(real_case, tmp
 
     data, runs, predictions = tmp_path / "demo", tmp_path / "runs", tmp_path / "predictions"
     run("custom", "synthesize", "--output_dir", str(data), "--num_cases", "6", "--shape", "32,32,32")
-    run("monai.bundle", "run", "training", "--config_file", "configs/train.json", "--dataset_dir", str(data),
-        "--output_dir", str(runs), *_cli_overrides({"epochs": 1, "val_interval": 1, "patch_size": [32, 32, 32],
-                                                    "num_workers": 0, **NARROW_NETWORK}))
+    run(
+        "monai.bundle",
+        "run",
+        "training",
+        "--config_file",
+        "configs/train.json",
+        "--dataset_dir",
+        str(data),
+        "--output_dir",
+        str(runs),
+        *_cli_overrides(
+            {"epochs": 1, "val_interval": 1, "patch_size": [32, 32, 32], "num_workers": 0, **NARROW_NETWORK}
+        ),
+    )
     checkpoint = runs / "models" / "model.pt"
     assert checkpoint.is_file() and (runs / "models" / "snapshot_epoch=1.pt").is_file()
 
-    run("monai.bundle", "run", "--config_file", "configs/inference.json", "--dataset_dir", str(real_case.dir),
-        "--output_dir", str(predictions), *_cli_overrides({"checkpoints": [str(checkpoint)], "tta": 1, **NARROW_NETWORK}))
+    run(
+        "monai.bundle",
+        "run",
+        "--config_file",
+        "configs/inference.json",
+        "--dataset_dir",
+        str(real_case.dir),
+        "--output_dir",
+        str(predictions),
+        *_cli_overrides({"checkpoints": [str(checkpoint)], "tta": 1, **NARROW_NETWORK}),
+    )
     written = sorted(p.name for p in predictions.glob("*.nii.gz"))
     assert written == [f"{real_case.case_id}.nii.gz"] and (predictions / "volumes.csv").is_file()
     reference = nib.load(real_case.images[0])

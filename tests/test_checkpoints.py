@@ -15,6 +15,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
+from conftest import CONFIG_DIR, REPO_ROOT
 from ignite.engine import Engine
 from ignite.metrics import Metric
 from monai.bundle import ConfigParser
@@ -23,7 +24,11 @@ from monai.handlers import ValidationHandler
 from monai.transforms import Compose, ShiftIntensityd
 
 import custom.tools.package
-from conftest import CONFIG_DIR, REPO_ROOT
+from custom.core.io import atomic_path, check_case_ids, safe_case_id
+from custom.data.datalist import load_datalist
+from custom.data.datasets import make_dataset
+from custom.inference.ensemble import SnapshotFlipEnsemble, snapshot_sets
+from custom.inference.inferer import BratsPredictionWriter
 from custom.model.checkpoints import (
     PREVIOUS_RUNS,
     BestModelSaver,
@@ -32,11 +37,6 @@ from custom.model.checkpoints import (
     list_snapshots,
     load_state_dict,
 )
-from custom.data.datalist import load_datalist
-from custom.data.datasets import make_dataset
-from custom.inference.ensemble import SnapshotFlipEnsemble, snapshot_sets
-from custom.inference.inferer import BratsPredictionWriter
-from custom.core.io import atomic_path, check_case_ids, safe_case_id
 from custom.model.network import CascadedUNet
 from custom.tools.package import BUNDLE_CONFIGS, package
 
@@ -45,6 +45,7 @@ SMALL = {"init_filters": 8, "blocks_down": (1, 1, 1, 1)}
 
 # ---------------------------------------------------------------------------------------------------------------
 # a tiny training with the handlers wired as in train.json
+
 
 class ScriptedMetric(Metric):
     """A key metric whose values are given in advance, one per validation."""
@@ -74,7 +75,9 @@ def _training(ckpt_dir, epochs, metric_values, resume=True, n_saved=2, seed=0):
     network = torch.nn.Conv3d(1, 1, 1)
     optimizer = torch.optim.SGD(network.parameters(), lr=0.1)
     evaluator = SupervisedEvaluator(
-        device="cpu", val_data_loader=_batch(), network=network,
+        device="cpu",
+        val_data_loader=_batch(),
+        network=network,
         key_val_metric={"val_mean_dice": ScriptedMetric(metric_values)},
         val_handlers=[BestModelSaver(str(ckpt_dir), network)],
     )
@@ -85,8 +88,13 @@ def _training(ckpt_dir, epochs, metric_values, resume=True, n_saved=2, seed=0):
         EpochSnapshotSaver(str(ckpt_dir), objects, n_saved=n_saved, validator=evaluator),
     ]
     trainer = SupervisedTrainer(
-        device="cpu", max_epochs=epochs, train_data_loader=_batch(), network=network, optimizer=optimizer,
-        loss_function=torch.nn.MSELoss(), train_handlers=handlers,
+        device="cpu",
+        max_epochs=epochs,
+        train_data_loader=_batch(),
+        network=network,
+        optimizer=optimizer,
+        loss_function=torch.nn.MSELoss(),
+        train_handlers=handlers,
     )
     trainer.run()
     return trainer, evaluator
@@ -106,8 +114,10 @@ def test_resume_restores_the_best_metric_so_a_worse_model_never_replaces_model_p
     # a better validation after a resume still wins
     _, evaluator = _training(tmp_path, epochs=3, metric_values=[0.95], seed=2)
     assert (evaluator.state.best_metric, evaluator.state.best_metric_epoch) == (0.95, 3)
-    assert torch.equal(load_state_dict(str(tmp_path / "model.pt"))["weight"],
-                       load_state_dict(str(tmp_path / "snapshot_epoch=3.pt"))["weight"])
+    assert torch.equal(
+        load_state_dict(str(tmp_path / "model.pt"))["weight"],
+        load_state_dict(str(tmp_path / "snapshot_epoch=3.pt"))["weight"],
+    )
 
 
 def test_train_json_wires_the_evaluator_and_the_rank_into_the_checkpoint_handlers():
@@ -127,6 +137,7 @@ def test_train_json_wires_the_evaluator_and_the_rank_into_the_checkpoint_handler
 
 # ---------------------------------------------------------------------------------------------------------------
 # one run per checkpoint folder
+
 
 def _engine_run(ckpt_dir, epochs, resume, n_saved=2, network=None):
     """A plain ignite trainer (one Adam step per epoch, on a weight decay loss that needs no input) with
@@ -187,8 +198,11 @@ def test_a_new_run_moves_the_previous_run_aside_and_never_prunes_or_resumes_it(t
 # ---------------------------------------------------------------------------------------------------------------
 # snapshots load with weights_only=True, resume falls back from a bad one
 
+
 def test_real_snapshots_load_with_weights_only_and_restore_the_rng_streams(tmp_path):
-    np.random.seed(1), random.seed(1), torch.manual_seed(1)
+    np.random.seed(1)
+    random.seed(1)
+    torch.manual_seed(1)
     network = CascadedUNet(**SMALL)  # the bundle's network, with the training-only decoder
     _engine_run(tmp_path, epochs=2, resume=False, network=network)
     after_save = (np.random.rand(), random.random(), torch.rand(1).item())
@@ -200,7 +214,9 @@ def test_real_snapshots_load_with_weights_only_and_restore_the_rng_streams(tmp_p
     assert len(ensemble.load().members) == 2
 
     # a resume from epoch 2 (nothing left to train) puts the RNGs back where the snapshot left them
-    np.random.seed(99), random.seed(99), torch.manual_seed(99)
+    np.random.seed(99)
+    random.seed(99)
+    torch.manual_seed(99)
     _engine_run(tmp_path, epochs=2, resume=True, network=CascadedUNet(**SMALL))
     assert (np.random.rand(), random.random(), torch.rand(1).item()) == after_save
 
@@ -244,6 +260,7 @@ def test_resume_skips_a_truncated_or_planted_snapshot_and_names_it(tmp_path, cap
 
 # ---------------------------------------------------------------------------------------------------------------
 # case ids, permissions
+
 
 @pytest.mark.parametrize("case_id", ["../x", "/tmp/abs", "a/b", "a\\b", "..", "", None, "C:evil"])
 def test_case_ids_that_are_not_plain_file_names_are_refused(case_id):
@@ -295,6 +312,7 @@ def test_atomic_writes_follow_the_umask(tmp_path, umask, mode):
 # ---------------------------------------------------------------------------------------------------------------
 # the zip holds the bundle's own files only
 
+
 def test_package_ships_neither_extra_configs_nor_symbolic_links(tmp_path, monkeypatch):
     bundle = tmp_path / "bundle"
     for name in ("configs", "docs"):
@@ -316,17 +334,22 @@ def test_package_ships_neither_extra_configs_nor_symbolic_links(tmp_path, monkey
         names = [n.split("/", 1)[1] for n in archive.namelist()]
         content = b"".join(archive.read(n) for n in archive.namelist() if not n.endswith("/"))
     assert sorted(n for n in names if n.startswith("configs/") and n != "configs/") == sorted(
-        f"configs/{c}" for c in BUNDLE_CONFIGS)
-    real_docs = {f"docs/{p.relative_to(REPO_ROOT / 'bundle' / 'docs').as_posix()}"
-                 for p in (REPO_ROOT / "bundle" / "docs").rglob("*") if p.is_file() and "__pycache__" not in p.parts}
+        f"configs/{c}" for c in BUNDLE_CONFIGS
+    )
+    real_docs = {
+        f"docs/{p.relative_to(REPO_ROOT / 'bundle' / 'docs').as_posix()}"
+        for p in (REPO_ROOT / "bundle" / "docs").rglob("*")
+        if p.is_file() and "__pycache__" not in p.parts
+    }
     assert {n for n in names if n.startswith("docs/") and not n.endswith("/")} == real_docs, names  # no symlinks
     assert b"patient_17" not in content
 
 
 def test_every_tracked_config_of_the_repository_is_a_bundle_config():
     try:
-        tracked = subprocess.run(["git", "ls-files", "bundle/configs"], cwd=REPO_ROOT, capture_output=True,
-                                 text=True, check=True).stdout.split()
+        tracked = subprocess.run(
+            ["git", "ls-files", "bundle/configs"], cwd=REPO_ROOT, capture_output=True, text=True, check=True
+        ).stdout.split()
     except (OSError, subprocess.CalledProcessError):
         pytest.skip("not a git checkout")
     missing = sorted({os.path.basename(p) for p in tracked} - set(BUNDLE_CONFIGS))
@@ -336,13 +359,15 @@ def test_every_tracked_config_of_the_repository_is_a_bundle_config():
 # ---------------------------------------------------------------------------------------------------------------
 # the disk cache is keyed on the transforms
 
+
 def test_disk_cache_is_rebuilt_when_the_cached_transforms_change(tmp_path):
     data = [{"x": np.zeros((1, 2, 2, 2), np.float32)}]
     cache_dir = str(tmp_path / "cache")
 
     def first_value(offset):
-        dataset = make_dataset(data, Compose([ShiftIntensityd(keys="x", offset=offset)]), cache="disk",
-                               cache_dir=cache_dir)
+        dataset = make_dataset(
+            data, Compose([ShiftIntensityd(keys="x", offset=offset)]), cache="disk", cache_dir=cache_dir
+        )
         return float(dataset[0]["x"].flatten()[0])
 
     assert first_value(1.0) == 1.0
@@ -357,7 +382,8 @@ def test_train_and_validation_pipelines_of_train_json_get_their_own_cache_keys(t
         parser = ConfigParser()  # a fresh parse each time: the key must not depend on the objects' identity
         parser.read_config(str(CONFIG_DIR / "train.json"))
         parser["dataset_dir"] = "/nonexistent/BraTS"
-        dataset = make_dataset([], parser.get_parsed_content(f"{part}#preprocessing"), cache="disk",
-                               cache_dir=str(tmp_path))
+        dataset = make_dataset(
+            [], parser.get_parsed_content(f"{part}#preprocessing"), cache="disk", cache_dir=str(tmp_path)
+        )
         keys.setdefault(part, set()).add(dataset.transform_hash)
     assert len(keys["train"]) == 1 and keys["train"] != keys["validate"]  # stable, and distinct in the shared cache_dir

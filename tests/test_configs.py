@@ -6,9 +6,8 @@ import json
 
 import pytest
 import torch
-from monai.bundle import ConfigParser
-
 from conftest import CONFIG_DIR, NARROW_NETWORK
+from monai.bundle import ConfigParser
 
 MAX_RUN_LINE = 120  # a run line longer than this is logic that belongs in custom/
 

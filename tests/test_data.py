@@ -1,4 +1,5 @@
-"""Discovery of BraTS layouts, datalists and folds (custom/data/discovery.py, custom/data/datalist.py), on tiny synthetic NIfTI and the real case."""
+"""Discovery of BraTS layouts, datalists and folds (custom/data/discovery.py, custom/data/datalist.py), on tiny
+synthetic NIfTI and the real case."""
 
 from __future__ import annotations
 
@@ -11,17 +12,11 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from custom.data.datalist import testing_files as unlabeled_files  # not collected as a test
-from custom.data.discovery import discover_cases
 from custom.core.naming import SEQUENCES
-from custom.data.datalist import (
-    load_datalist,
-    make_datalist,
-    resolve_et_label,
-    training_files,
-    validation_files,
-    write_datalist,
-)
+from custom.data.datalist import load_datalist, make_datalist, resolve_et_label
+from custom.data.datalist import testing_files as unlabeled_files  # not collected as a test
+from custom.data.datalist import training_files, validation_files, write_datalist
+from custom.data.discovery import discover_cases
 
 UNDERSCORE = ("t1", "t1ce", "t2", "flair")  # 2018-2021 suffixes in SEQUENCES order
 DASH = ("t1n", "t1c", "t2w", "t2f")  # 2023+ suffixes in SEQUENCES order

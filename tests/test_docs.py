@@ -31,8 +31,21 @@ CONFIG_FILES = {
 }
 # keys that wire the workflow together rather than being set by users
 INTERNAL_KEYS = {
-    "imports", "bundle_root", "datalist", "checked_datalist", "labels", "network", "ckpt_dir", "log_dir",
-    "amp_dtype", "training", "run", "initialize", "finalize", "output_settings", "eval_dir",
+    "imports",
+    "bundle_root",
+    "datalist",
+    "checked_datalist",
+    "labels",
+    "network",
+    "ckpt_dir",
+    "log_dir",
+    "amp_dtype",
+    "training",
+    "run",
+    "initialize",
+    "finalize",
+    "output_settings",
+    "eval_dir",
 }
 HEADER_TAIL = ["default", "meaning"]
 KEY_CELL = re.compile(r"^`([A-Za-z0-9_#]+)`$")
@@ -159,7 +172,9 @@ def row_problems(config: str, parser: ConfigParser, rows: list[list[str]], where
             problems.append(f"{where}: `{key}` is not a key of {' + '.join(CONFIG_FILES[config])}")
         elif is_expression(value):
             if not is_prose(cell):
-                problems.append(f"{where}: `{key}` is computed ({value!r}); describe its default in words, not {cell!r}")
+                problems.append(
+                    f"{where}: `{key}` is computed ({value!r}); describe its default in words, not {cell!r}"
+                )
         elif not same_value(parse_cell(cell), value):
             problems.append(f"{where}: `{key}` defaults to {json.dumps(value)} in the config, the table says {cell!r}")
     return problems, keys
@@ -184,8 +199,10 @@ def check_documents(paths: list[Path]) -> tuple[list[str], dict[str, set[str]]]:
         for config, line, header, rows in key_tables(path):
             where = f"{display(path)}:{line}"
             if config not in CONFIG_FILES or [h.lower() for h in header[1:]] != HEADER_TAIL:
-                problems.append(f"{where}: a key table's header must be `| <config> key | default | meaning |` with "
-                                f"<config> one of {sorted(CONFIG_FILES)}, not {header}")
+                problems.append(
+                    f"{where}: a key table's header must be `| <config> key | default | meaning |` with "
+                    f"<config> one of {sorted(CONFIG_FILES)}, not {header}"
+                )
                 continue
             found, keys = row_problems(config, merged_config(config), rows, where)
             problems += found
@@ -246,4 +263,3 @@ def test_the_checker_catches_wrong_defaults_unknown_keys_and_values_for_expressi
     assert "header must be" in text
     assert len(problems) == 7, text
     assert "dataset_dir" in user_facing_keys("train") - documented["train"]
-

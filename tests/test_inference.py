@@ -6,15 +6,15 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
+from conftest import CONFIG_DIR, NARROW_NETWORK
 from ignite.engine import Engine, Events
 from monai.bundle import ConfigWorkflow
 
-from conftest import CONFIG_DIR, NARROW_NETWORK
-from custom.model.checkpoints import EpochSnapshotSaver
+from custom.data.synthetic import synthesize
 from custom.inference.ensemble import SnapshotFlipEnsemble, plan_passes
 from custom.inference.inferer import FLIP_DIMS, FlipTTAInferer
+from custom.model.checkpoints import EpochSnapshotSaver
 from custom.model.network import CascadedUNet
-from custom.data.synthetic import synthesize
 
 SMALL = {"init_filters": 8, "blocks_down": (1, 1, 1, 1)}
 
@@ -25,7 +25,8 @@ class PositionNet(torch.nn.Module):
     def forward(self, x):
         h, w, d = x.shape[2:]
         ramp = (
-            torch.linspace(0, 1, h)[:, None, None] + 2 * torch.linspace(0, 1, w)[None, :, None]
+            torch.linspace(0, 1, h)[:, None, None]
+            + 2 * torch.linspace(0, 1, w)[None, :, None]
             + 3 * torch.linspace(0, 1, d)[None, None, :]
         )
         return x[:, :3] * ramp + torch.roll(x[:, 1:4], shifts=1, dims=2)
@@ -194,8 +195,14 @@ def test_evaluate_config_by_default_scores_the_last_snapshots_not_the_best_model
     _train_snapshots(output_dir / "models", n_epochs=2)
     # model.pt was selected on this fold's cases; by default evaluation must not even read it
     (output_dir / "models" / "model.pt").write_bytes(b"the best-validation model, selected on the scored fold")
-    settings = {"dataset_dir": str(data), "output_dir": str(output_dir), "tta": 1, "num_folds": 3, "num_workers": 0,
-                **NARROW_NETWORK}
+    settings = {
+        "dataset_dir": str(data),
+        "output_dir": str(output_dir),
+        "tta": 1,
+        "num_folds": 3,
+        "num_workers": 0,
+        **NARROW_NETWORK,
+    }
     configs = [str(CONFIG_DIR / "train.json"), str(CONFIG_DIR / "evaluate.json")]
     evaluation = ConfigWorkflow(config_file=configs, workflow_type=None, **settings)
     evaluation.initialize()
@@ -209,7 +216,8 @@ def test_evaluate_config_by_default_scores_the_last_snapshots_not_the_best_model
     best = ConfigWorkflow(config_file=configs, workflow_type=None, ensemble="best", **settings)
     best.initialize()
     assert best.parser.get_parsed_content("evaluate#metrics_csv") == str(
-        output_dir / "eval_best" / "metrics_best_model_selected_on_fold0.csv")
+        output_dir / "eval_best" / "metrics_best_model_selected_on_fold0.csv"
+    )
     with pytest.raises(RuntimeError, match="model.pt"):  # it does read model.pt (here not a checkpoint)
         best.parser.get_parsed_content("evaluate#segmenter").network.load()
 

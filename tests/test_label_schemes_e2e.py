@@ -7,11 +7,11 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
+from conftest import CONFIG_DIR, TINY_TRAINING
 from monai.bundle import ConfigWorkflow
 
-from conftest import CONFIG_DIR, TINY_TRAINING
-from custom.evaluation.folders import evaluate_folder
 from custom.data.synthetic import case_files, synthesize
+from custom.evaluation.folders import evaluate_folder
 
 TINY = {**TINY_TRAINING, "cache": "none"}
 

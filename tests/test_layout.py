@@ -56,7 +56,9 @@ def _imports(module: str) -> list[tuple[str, int, bool]]:
         elif isinstance(node, ast.ImportFrom):
             base = node.module or ""
             if node.level:
-                base = ".".join(package.split(".")[: len(package.split(".")) - node.level + 1] + ([base] if base else []))
+                base = ".".join(
+                    package.split(".")[: len(package.split(".")) - node.level + 1] + ([base] if base else [])
+                )
             targets = [f"{base}.{a.name}" if f"{base}.{a.name}" in MODULES else base for a in node.names]
         for target in targets:
             if target == "custom" or target.startswith("custom."):
@@ -81,7 +83,9 @@ def test_imports_point_down(module):
         where = f"{module} (line {line}) imports {target}"
         if other is None or other == own:
             continue
-        assert LAYERS[other] < LAYERS[own], f"{where}: {own} (layer {LAYERS[own]}) may not import {other} (layer {LAYERS[other]})"
+        assert (
+            LAYERS[other] < LAYERS[own]
+        ), f"{where}: {own} (layer {LAYERS[own]}) may not import {other} (layer {LAYERS[other]})"
         if own not in LAZY_ALLOWED:
             assert top, f"{where} inside a function: import at the top of the module"
 
@@ -94,7 +98,7 @@ def test_no_import_cycle():
         state[module] = 1
         for target in graph[module]:
             if state.get(target) == 1:
-                cycle = path[path.index(target):] + [target] if target in path else [module, target]
+                cycle = path[path.index(target) :] + [target] if target in path else [module, target]
                 pytest.fail("import cycle: " + " -> ".join(cycle))
             if target not in state:
                 visit(target, path + [target])

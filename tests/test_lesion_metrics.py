@@ -59,7 +59,9 @@ def test_columns_from_a_package_result():
     missed = lesion_columns({"tp": 0, "fp": 0, "fn": 1, "sq_dsc": 0.0, "pq_dsc": 0.0, "sq_hd95": math.inf}, "et")
     assert missed["lesion_hd95_et"] == BRATS_MAX_HD95 and missed["brats23_lesion_dice_et"] == 0.0
     # empty in both: NaN means (left out of the summary rows), 1 for the 2023 formula
-    empty = lesion_columns({"tp": 0, "fp": 0, "fn": 0, "sq_dsc": math.nan, "pq_dsc": math.nan, "sq_hd95": math.nan}, "rc")
+    empty = lesion_columns(
+        {"tp": 0, "fp": 0, "fn": 0, "sq_dsc": math.nan, "pq_dsc": math.nan, "sq_hd95": math.nan}, "rc"
+    )
     assert math.isnan(empty["lesion_dice_rc"]) and math.isnan(empty["lesion_hd95_rc"])
     assert empty["brats23_lesion_dice_rc"] == 1.0
 
@@ -110,7 +112,8 @@ def test_brats2024_adds_the_rc_region():
 @needs_package
 def test_evaluate_folder_writes_lesion_columns_and_summary_rows(tmp_path):
     pred_dir, ref_dir = tmp_path / "pred", tmp_path / "ref"
-    pred_dir.mkdir(), ref_dir.mkdir()
+    pred_dir.mkdir()
+    ref_dir.mkdir()
     pred, ref = _two_lesions_three_predictions(3)
     empty = np.zeros(SHAPE, np.uint8)
     for case_id, (p, r) in {"c1": (pred, ref), "c2": (empty, empty)}.items():

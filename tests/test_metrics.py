@@ -12,9 +12,9 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
+from conftest import swap_et
 from scipy import ndimage
 
-from conftest import swap_et
 import custom.evaluation.folders
 from custom.evaluation.folders import evaluate_folder
 from custom.evaluation.metrics import (
@@ -225,8 +225,10 @@ def test_real_pair_is_close_but_not_identical(labelled_case, algorithm_segmentat
     spacing = tuple(float(z) for z in ref_img.header.get_zooms()[:3])
     pred_et, ref_et = algorithm_segmentation.et_label, labelled_case.et_label
     m = case_metrics(pred, ref, spacing, pred_et_label=pred_et, ref_et_label=ref_et)
-    print(f"\n{algorithm_segmentation.path.name} (ET={pred_et}) vs {labelled_case.label.name} (ET={ref_et}):",
-          {k: round(v, 4) for k, v in m.items()})
+    print(
+        f"\n{algorithm_segmentation.path.name} (ET={pred_et}) vs {labelled_case.label.name} (ET={ref_et}):",
+        {k: round(v, 4) for k, v in m.items()},
+    )
     for r in REGIONS:
         assert 0.0 <= m[f"dice_{r}"] <= 1.0 and 0.0 <= m[f"sensitivity_{r}"] <= 1.0
         assert 0.99 < m[f"specificity_{r}"] <= 1.0  # the tumour is a small part of the volume
@@ -369,7 +371,9 @@ def test_evaluate_folder_falls_back_to_flat_matching(real_pair, tmp_path, monkey
 
 
 def test_evaluate_folder_with_the_real_discover_cases(labelled_case, real_pair, tmp_path):
-    data_module = pytest.importorskip("custom.data.datalist", reason="custom.data.datalist (discover_cases) is not written yet")
+    data_module = pytest.importorskip(
+        "custom.data.datalist", reason="custom.data.datalist (discover_cases) is not written yet"
+    )
     if not hasattr(data_module, "discover_cases"):
         pytest.skip("custom.data.datalist has no discover_cases yet")
     pred_dir = tmp_path / "pred"

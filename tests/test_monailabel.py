@@ -22,8 +22,8 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
-
 from conftest import CONFIG_DIR
+
 from custom.model.network import CascadedUNet
 from custom.tools.package import package
 
@@ -33,7 +33,9 @@ STARTUP_TIMEOUT, INFER_TIMEOUT = 180, 420
 
 def _monailabel_problem() -> str | None:
     if importlib.util.find_spec("monailabel") is None:
-        return "monailabel is not installed (optional; CI does not install it): see bundle/docs/README.md, 'MONAI Label'"
+        return (
+            "monailabel is not installed (optional; CI does not install it): see bundle/docs/README.md, 'MONAI Label'"
+        )
     try:
         import monailabel.tasks.infer.bundle  # noqa: F401  (imports torchvision, which must match torch)
     except Exception as e:  # e.g. a CUDA torchvision next to a CPU torch
@@ -49,9 +51,12 @@ def _sample_app() -> Path:
     import monailabel
 
     package_root = Path(monailabel.__file__).resolve().parent.parent
-    candidates = [package_root / "sample-apps", Path(sys.prefix) / "monailabel" / "sample-apps",
-                  Path(sys.prefix) / "local" / "monailabel" / "sample-apps",
-                  Path.home() / ".local" / "monailabel" / "sample-apps"]
+    candidates = [
+        package_root / "sample-apps",
+        Path(sys.prefix) / "monailabel" / "sample-apps",
+        Path(sys.prefix) / "local" / "monailabel" / "sample-apps",
+        Path.home() / ".local" / "monailabel" / "sample-apps",
+    ]
     for candidate in candidates:
         if (candidate / "monaibundle" / "main.py").is_file():
             return candidate / "monaibundle"
@@ -108,11 +113,33 @@ def test_monailabel_infers_a_four_channel_study(real_case, tmp_path):
     port = _free_port()
     base = f"http://127.0.0.1:{port}"
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME")}
-    env.update(BUNDLE_DOWNLOAD_SRC="github", HOME=str(tmp_path / "home"), OMP_NUM_THREADS=env.get("OMP_NUM_THREADS", "2"))
+    env.update(
+        BUNDLE_DOWNLOAD_SRC="github", HOME=str(tmp_path / "home"), OMP_NUM_THREADS=env.get("OMP_NUM_THREADS", "2")
+    )
     log_path = tmp_path / "server.log"
-    command = [sys.executable, "-m", "monailabel.main", "start_server", "--app", str(app), "--studies",
-               str(study.parent), "--conf", "models", name, "--conf", "sam2", "false", "--conf", "preload", "false",
-               "--host", "127.0.0.1", "--port", str(port)]
+    command = [
+        sys.executable,
+        "-m",
+        "monailabel.main",
+        "start_server",
+        "--app",
+        str(app),
+        "--studies",
+        str(study.parent),
+        "--conf",
+        "models",
+        name,
+        "--conf",
+        "sam2",
+        "false",
+        "--conf",
+        "preload",
+        "false",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+    ]
     with open(log_path, "w") as log:
         server = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=log, stderr=subprocess.STDOUT)
     try:
@@ -120,7 +147,9 @@ def test_monailabel_infers_a_four_channel_study(real_case, tmp_path):
         info = None
         while info is None:
             assert server.poll() is None, f"MONAI Label exited:\n{log_path.read_text()[-4000:]}"
-            assert time.time() < deadline, f"MONAI Label did not answer in {STARTUP_TIMEOUT} s:\n{log_path.read_text()[-4000:]}"
+            assert (
+                time.time() < deadline
+            ), f"MONAI Label did not answer in {STARTUP_TIMEOUT} s:\n{log_path.read_text()[-4000:]}"
             try:
                 info = json.loads(_get(f"{base}/info/", timeout=5))
             except (urllib.error.URLError, ConnectionError, TimeoutError):
@@ -147,15 +176,25 @@ def test_monailabel_infers_a_four_channel_study(real_case, tmp_path):
     assert label_map.shape == reference.shape[:3] == nib.load(real_case.images[0]).shape
     assert np.allclose(label_map.affine, reference.affine)
     labels = np.asarray(label_map.dataobj)
-    assert np.issubdtype(labels.dtype, np.integer) and set(np.unique(labels)) <= {0, 1, 2, 4}  # et_label 4: no dataset_dir
+    assert np.issubdtype(labels.dtype, np.integer) and set(np.unique(labels)) <= {
+        0,
+        1,
+        2,
+        4,
+    }  # et_label 4: no dataset_dir
 
     # the same study through the bundle's own `run` (inference.json, same weights): MONAI Label must give the same map,
     # in the study's geometry (a label map resized from the brain crop would have the right shape but not these voxels)
     from monai.bundle import ConfigWorkflow
 
     workflow = ConfigWorkflow(
-        config_file=str(CONFIG_DIR / "inference.json"), workflow_type="infer", dataset_dir=str(study),
-        output_dir=str(tmp_path / "run"), checkpoints=[str(weights)], tta=1, et_label=4,
+        config_file=str(CONFIG_DIR / "inference.json"),
+        workflow_type="infer",
+        dataset_dir=str(study),
+        output_dir=str(tmp_path / "run"),
+        checkpoints=[str(weights)],
+        tta=1,
+        et_label=4,
         **{f"network_def#{k}": v for k, v in SMALL.items()},
     )
     workflow.initialize()

@@ -15,9 +15,9 @@ import time
 
 import pytest
 import torch.distributed as dist
+from conftest import CONFIG_DIR, REPO_ROOT, TINY_TRAINING
 from monai.bundle import ConfigParser
 
-from conftest import CONFIG_DIR, REPO_ROOT, TINY_TRAINING
 from custom.data.datalist import load_datalist, training_files, validation_files
 from custom.data.synthetic import synthesize
 
@@ -25,7 +25,9 @@ CONFIGS = [str(CONFIG_DIR / "train.json"), str(CONFIG_DIR / "multi_gpu_train.jso
 # 7 cases in 3 folds: fold 0 validates on 3 cases (uneven over 2 ranks) and trains on 4 (2 per rank)
 NUM_CASES, NUM_FOLDS = 7, 3
 TINY = {**TINY_TRAINING, "num_folds": NUM_FOLDS}
-SHARD_LINE = re.compile(r"rank (\d+)/(\d+) (trained|validated) on (\d+) cases in epoch (\d+): ([^;\n]*)(?:; all ranks: (.*))?")
+SHARD_LINE = re.compile(
+    r"rank (\d+)/(\d+) (trained|validated) on (\d+) cases in epoch (\d+): ([^;\n]*)(?:; all ranks: (.*))?"
+)
 
 
 def _free_port() -> int:
@@ -49,7 +51,9 @@ def test_rank_zero_overrides_point_at_the_intended_handlers():
         "validate#handlers#2": "custom.model.checkpoints.BestModelSaver",
     }
     for key, target in expected.items():
-        assert parser[f"{key}#_target_"] == target, f"{key} of train.json is no longer {target}: update multi_gpu_train.json"
+        assert (
+            parser[f"{key}#_target_"] == target
+        ), f"{key} of train.json is no longer {target}: update multi_gpu_train.json"
     assert parser["train#handlers"][-1]["_target_"] == "custom.core.distributed.ShardLogger"
     assert parser["validate#handlers"][-1]["_target_"] == "custom.core.distributed.ShardLogger"
     # train.json's own setup still runs first, the process group after it; teardown comes last
@@ -58,7 +62,9 @@ def test_rank_zero_overrides_point_at_the_intended_handlers():
     assert "destroy_process_group" in parser["finalize"][-1]
 
 
-@pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()), reason="torch.distributed with Gloo is needed")
+@pytest.mark.skipif(
+    not (dist.is_available() and dist.is_gloo_available()), reason="torch.distributed with Gloo is needed"
+)
 def test_torchrun_two_cpu_processes_one_epoch(tmp_path):
     dataset = tmp_path / "data"
     synthesize(str(dataset), num_cases=NUM_CASES, shape=(32, 32, 32), seed=3)
@@ -69,9 +75,21 @@ def test_torchrun_two_cpu_processes_one_epoch(tmp_path):
 
     output_dir = tmp_path / "run"
     overrides = {**TINY, "dataset_dir": str(dataset), "output_dir": str(output_dir)}
-    command = [sys.executable, "-m", "torch.distributed.run", "--nnodes=1", "--nproc_per_node=2",
-               "--master_addr=127.0.0.1", f"--master_port={_free_port()}",
-               "-m", "monai.bundle", "run", "training", "--config_file", json.dumps(CONFIGS)]
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nnodes=1",
+        "--nproc_per_node=2",
+        "--master_addr=127.0.0.1",
+        f"--master_port={_free_port()}",
+        "-m",
+        "monai.bundle",
+        "run",
+        "training",
+        "--config_file",
+        json.dumps(CONFIGS),
+    ]
     for key, value in overrides.items():
         command += [f"--{key}", value if isinstance(value, str) else json.dumps(value)]
     env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "OMP_NUM_THREADS": "1"}

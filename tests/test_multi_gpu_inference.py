@@ -15,12 +15,14 @@ import sys
 import pytest
 import torch
 import torch.distributed as dist
-
 from conftest import CONFIG_DIR, NARROW_NETWORK, REPO_ROOT
-from custom.model.network import CascadedUNet
-from custom.data.synthetic import case_files, synthesize
 
-pytestmark = pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()), reason="needs torch.distributed with Gloo")
+from custom.data.synthetic import case_files, synthesize
+from custom.model.network import CascadedUNet
+
+pytestmark = pytest.mark.skipif(
+    not (dist.is_available() and dist.is_gloo_available()), reason="needs torch.distributed with Gloo"
+)
 ENV = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "OMP_NUM_THREADS": "1"}
 RANK_LINE = re.compile(r"^rank (\d)/2: (\d+) case\(s\): (.*)$", re.MULTILINE)
 
@@ -32,9 +34,19 @@ def _free_port() -> int:
 
 
 def _command(configs, overrides, processes):
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--nnodes=1", f"--nproc_per_node={processes}",
-                "--master_addr=127.0.0.1", f"--master_port={_free_port()}", "-m", "monai.bundle", "run"]
-    command = (launcher if processes > 1 else [sys.executable, "-m", "monai.bundle", "run"])
+    launcher = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nnodes=1",
+        f"--nproc_per_node={processes}",
+        "--master_addr=127.0.0.1",
+        f"--master_port={_free_port()}",
+        "-m",
+        "monai.bundle",
+        "run",
+    ]
+    command = launcher if processes > 1 else [sys.executable, "-m", "monai.bundle", "run"]
     command += ["--config_file", json.dumps([str(CONFIG_DIR / c) for c in configs])]
     for key, value in overrides.items():
         command += [f"--{key}", value if isinstance(value, str) else json.dumps(value)]
@@ -59,8 +71,13 @@ def test_two_ranks_split_the_cases_report_the_broken_one_and_resume(setup):
     t1c = case_files(broken / "BraTS2021_00003")["t1c"]
     t1c.write_bytes(t1c.read_bytes()[:2000])
     output_dir = root / "out"
-    overrides = {"dataset_dir": str(broken), "output_dir": str(output_dir), "checkpoints": [str(checkpoint)],
-                 "tta": 2, **NARROW_NETWORK}
+    overrides = {
+        "dataset_dir": str(broken),
+        "output_dir": str(output_dir),
+        "checkpoints": [str(checkpoint)],
+        "tta": 2,
+        **NARROW_NETWORK,
+    }
     result = _command(["inference.json", "multi_gpu_inference.json"], overrides, 2)
     log = result.stdout + result.stderr
     assert result.returncode != 0, log[-4000:]  # a failed case: non-zero on every rank (torchrun reports it)
@@ -69,7 +86,7 @@ def test_two_ranks_split_the_cases_report_the_broken_one_and_resume(setup):
     assert sorted(shares[0] + shares[1]) == [f"BraTS2021_0000{i}" for i in range(5)]  # each case on one rank
     written = sorted(p.name for p in output_dir.glob("*.nii.gz"))
     assert written == [f"BraTS2021_0000{i}.nii.gz" for i in (0, 1, 2, 4)]
-    summary = result.stdout[result.stdout.index("segmented 4 of 5 cases"):]
+    summary = result.stdout[result.stdout.index("segmented 4 of 5 cases") :]
     assert summary.count("BraTS2021_00003: ") == 1 and "failed (not written)" in summary  # once, by rank 0
     assert (output_dir / "volumes.csv").read_text().count("\n") == 5  # header + the 4 written cases
 
@@ -86,8 +103,15 @@ def test_gathered_metrics_equal_a_single_process(setup):
     for processes in (1, 2):
         output_dir = root / f"eval{processes}"
         configs = ["train.json", "evaluate.json"] + (["multi_gpu_evaluate.json"] if processes > 1 else [])
-        overrides = {"dataset_dir": str(cases), "output_dir": str(output_dir), "checkpoints": [str(checkpoint)],
-                     "ensemble": "best", "num_folds": 2, "tta": 2, **NARROW_NETWORK}
+        overrides = {
+            "dataset_dir": str(cases),
+            "output_dir": str(output_dir),
+            "checkpoints": [str(checkpoint)],
+            "ensemble": "best",
+            "num_folds": 2,
+            "tta": 2,
+            **NARROW_NETWORK,
+        }
         if processes > 1:
             overrides["device"] = "cpu"  # a string from the command line under the multi-GPU config
         result = _command(configs, overrides, processes)

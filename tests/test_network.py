@@ -53,7 +53,9 @@ def test_parameter_counts_match_the_paper_tables():
 def test_output_heads_are_the_tables_end_conv():
     net = CascadedUNet(init_filters=8, blocks_down=(1, 1, 1, 1))
     decoders = {
-        "stage1": net.stage1.decoder, "deconv": net.stage2_deconv_decoder, "trilinear": net.stage2_trilinear_decoder
+        "stage1": net.stage1.decoder,
+        "deconv": net.stage2_deconv_decoder,
+        "trilinear": net.stage2_trilinear_decoder,
     }
     for name, decoder in decoders.items():
         layers = list(decoder.head.modules())
@@ -95,8 +97,12 @@ def test_output_shapes_in_train_and_eval_mode(small_net):
     assert isinstance(out, torch.Tensor) and out.shape == (2, 3, 32, 24, 16)
     # eval returns the stage 2 deconvolution head, the same as heads[1] without dropout
     with torch.no_grad():
-        assert torch.allclose(out, small_net.stage2_deconv_decoder(small_net.stage2_encoder(
-            torch.cat([x, torch.sigmoid(small_net.stage1(x))], 1))))
+        assert torch.allclose(
+            out,
+            small_net.stage2_deconv_decoder(
+                small_net.stage2_encoder(torch.cat([x, torch.sigmoid(small_net.stage1(x))], 1))
+            ),
+        )
 
 
 def test_trilinear_decoder_unused_in_eval(small_net):
@@ -121,7 +127,9 @@ def test_stage2_loss_reaches_stage1(small_net):
 def test_gradient_checkpointing_gives_the_same_gradients():
     torch.manual_seed(0)
     plain = CascadedUNet(init_filters=8, blocks_down=(1, 1, 1, 1), dropout_prob=None)
-    checkpointed = CascadedUNet(init_filters=8, blocks_down=(1, 1, 1, 1), dropout_prob=None, gradient_checkpointing=True)
+    checkpointed = CascadedUNet(
+        init_filters=8, blocks_down=(1, 1, 1, 1), dropout_prob=None, gradient_checkpointing=True
+    )
     checkpointed.load_state_dict(plain.state_dict())
     x = torch.randn(1, 4, 16, 16, 16)
     for net in (plain, checkpointed):

@@ -12,10 +12,10 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
-
 from conftest import CONFIG_DIR, REPO_ROOT, TINY_TRAINING
-from custom.data.datalist import load_datalist
+
 from custom.core.lock import LOCK_NAME
+from custom.data.datalist import load_datalist
 from custom.data.synthetic import case_files, synthesize
 
 TINY = {**TINY_TRAINING, "num_folds": 2, "cache": "none"}
@@ -49,7 +49,9 @@ def broken_tree(tmp_path_factory):
     files[1]["t1c"].write_bytes(raw[: len(raw) // 2])  # truncated download
     _rewrite(files[2]["t2"], lambda d: d[:, :, :30])  # another shape
     _rewrite(files[3]["seg"], lambda d: np.where(d == 2, 7, d).astype(np.uint8))  # label 7
-    _rewrite(files[4]["t1"], lambda d: np.where(np.arange(d.size).reshape(d.shape) == 5000, np.nan, d.astype(np.float32)))
+    _rewrite(
+        files[4]["t1"], lambda d: np.where(np.arange(d.size).reshape(d.shape) == 5000, np.nan, d.astype(np.float32))
+    )
     _rewrite(files[5]["flair"], lambda d: np.zeros_like(d))  # a missing sequence exported as zeros
     return root, {
         "BraTS2021_00000": "missing flair",
@@ -64,15 +66,26 @@ def broken_tree(tmp_path_factory):
 def test_one_report_of_every_problem_without_a_traceback(broken_tree, tmp_path):
     root, expected = broken_tree
     # the truncated case lands in the validation fold: its problem must be reported all the same
-    folds = {e["case_id"]: e["fold"] for e in load_datalist(str(root), folds=2, seed=0, allow_incomplete=True)["training"]}
-    result = subprocess.run(_train(root, tmp_path / "run", fold=folds["BraTS2021_00001"]), cwd=REPO_ROOT, env=ENV,
-                            capture_output=True, text=True, timeout=300)
+    folds = {
+        e["case_id"]: e["fold"] for e in load_datalist(str(root), folds=2, seed=0, allow_incomplete=True)["training"]
+    }
+    result = subprocess.run(
+        _train(root, tmp_path / "run", fold=folds["BraTS2021_00001"]),
+        cwd=REPO_ROOT,
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode != 0
     assert "Traceback" not in result.stderr and "ConfigExpression" not in result.stderr, result.stderr[-3000:]
     tail = result.stderr.strip().splitlines()
     problem_lines = [line for line in tail if line.startswith("BraTS2021_")]
     for case_id, problem in expected.items():
-        assert any(line.startswith(case_id) and problem in line for line in problem_lines), (case_id, result.stderr[-3000:])
+        assert any(line.startswith(case_id) and problem in line for line in problem_lines), (
+            case_id,
+            result.stderr[-3000:],
+        )
     assert len({line.split(":")[0] for line in problem_lines}) == 6  # the 4 good cases are not named
     assert "--skip_invalid true" in tail[-1]  # the list is the last thing on the terminal, with a key users can pass
     assert "allow_incomplete=True" not in result.stderr
@@ -82,8 +95,14 @@ def test_one_report_of_every_problem_without_a_traceback(broken_tree, tmp_path):
 
 def test_skip_invalid_trains_on_the_good_cases(broken_tree, tmp_path):
     root, expected = broken_tree
-    result = subprocess.run(_train(root, tmp_path / "run", skip_invalid=True), cwd=REPO_ROOT, env=ENV,
-                            capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        _train(root, tmp_path / "run", skip_invalid=True),
+        cwd=REPO_ROOT,
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     log = result.stdout + result.stderr
     assert result.returncode == 0, log[-3000:]
     assert "skipping 6 of 10 case(s)" in log and "cases left per fold: fold 0:" in log
@@ -95,15 +114,21 @@ def test_second_run_on_one_output_dir_refuses_and_kill_9_leaves_no_lock(tmp_path
     data = tmp_path / "data"
     synthesize(str(data), num_cases=4, shape=(32, 32, 32), seed=1)
     output_dir = tmp_path / "run"
-    first = subprocess.Popen(_train(data, output_dir, epochs=50), cwd=REPO_ROOT, env=ENV,
-                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    first = subprocess.Popen(
+        _train(data, output_dir, epochs=50),
+        cwd=REPO_ROOT,
+        env=ENV,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
         deadline = time.time() + 120
         while not list(output_dir.glob("models/**/*snapshot*.pt")):
             assert first.poll() is None and time.time() < deadline, "the first training did not reach epoch 1"
             time.sleep(0.2)
-        second = subprocess.run(_train(data, output_dir, epochs=50), cwd=REPO_ROOT, env=ENV,
-                                capture_output=True, text=True, timeout=120)
+        second = subprocess.run(
+            _train(data, output_dir, epochs=50), cwd=REPO_ROOT, env=ENV, capture_output=True, text=True, timeout=120
+        )
         assert second.returncode != 0
         assert f"PID {first.pid}" in second.stderr and "Traceback" not in second.stderr, second.stderr[-2000:]
         assert first.poll() is None  # the first run is untouched
@@ -111,7 +136,8 @@ def test_second_run_on_one_output_dir_refuses_and_kill_9_leaves_no_lock(tmp_path
         first.send_signal(signal.SIGKILL)
         first.wait()
     assert (output_dir / LOCK_NAME).exists()  # left behind by kill -9: stale, not blocking
-    resumed = subprocess.run(_train(data, output_dir, epochs=2), cwd=REPO_ROOT, env=ENV,
-                             capture_output=True, text=True, timeout=300)
+    resumed = subprocess.run(
+        _train(data, output_dir, epochs=2), cwd=REPO_ROOT, env=ENV, capture_output=True, text=True, timeout=300
+    )
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resumed from" in resumed.stdout + resumed.stderr

@@ -8,13 +8,13 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
+from conftest import CONFIG_DIR
 from monai.bundle import ConfigParser
 
-from conftest import CONFIG_DIR
 from custom.core.errors import DataError
+from custom.data.synthetic import case_files, synthesize
 from custom.inference.inferer import inference_files
 from custom.inference.segment import QualityCheck, label_volumes, segment_cases, split_by_size
-from custom.data.synthetic import case_files, synthesize
 
 
 class ThresholdNet(torch.nn.Module):
@@ -40,8 +40,17 @@ def _pipeline(output_dir, **overrides):
 
 def _run(data, output_dir, network, **kwargs):
     parts = _pipeline(output_dir, **kwargs.pop("config", {}))
-    return segment_cases(data, parts["preprocessing"], network, parts["inferer"], parts["postprocessing"],
-                         parts["writer"], progress=False, quality_check=QualityCheck(), **kwargs)
+    return segment_cases(
+        data,
+        parts["preprocessing"],
+        network,
+        parts["inferer"],
+        parts["postprocessing"],
+        parts["writer"],
+        progress=False,
+        quality_check=QualityCheck(),
+        **kwargs,
+    )
 
 
 def _rewrite(path: Path, transform) -> None:
@@ -84,7 +93,10 @@ def test_blank_flair_is_a_warning_unless_strict(cases, tmp_path, capsys):
     assert len(summary.written) == 3 and not summary.failed
     (flagged,) = [r for r in summary.flagged if r.case_id == "BraTS2021_00002"]
     assert "flair is zero everywhere" in "; ".join(flagged.flags)
-    assert "flagged (written; please look at them):\n  BraTS2021_00002: flair is zero everywhere" in capsys.readouterr().out
+    assert (
+        "flagged (written; please look at them):\n  BraTS2021_00002: flair is zero everywhere"
+        in capsys.readouterr().out
+    )
     with pytest.raises(DataError, match="BraTS2021_00002: .*flair is zero everywhere"):
         _run(inference_files(str(cases)), tmp_path / "strict", ThresholdNet(), config={"strict": True})
     assert not (tmp_path / "strict" / "BraTS2021_00002.nii.gz").exists()
@@ -93,7 +105,9 @@ def test_blank_flair_is_a_warning_unless_strict(cases, tmp_path, capsys):
 def test_empty_prediction_is_flagged_and_volumes_are_written(cases, tmp_path, capsys):
     out = tmp_path / "out"
     summary = _run(inference_files(str(cases)), out, NothingNet())
-    assert len(summary.written) == 3 and {r.case_id for r in summary.flagged} == {f"BraTS2021_0000{i}" for i in range(3)}
+    assert len(summary.written) == 3 and {r.case_id for r in summary.flagged} == {
+        f"BraTS2021_0000{i}" for i in range(3)
+    }
     assert "empty prediction although the brain has" in capsys.readouterr().out
     with open(out / "volumes.csv", newline="") as f:
         rows = list(csv.DictReader(f))
@@ -128,7 +142,13 @@ def test_label_volumes_by_hand():
     labels[3, 0, :2] = 4
     # ET = 3 with BraTS 2024's resection cavity as 4; voxels of 2 x 1 x 0.5 mm = 1 microlitre
     assert label_volumes(labels, (2, 1, 0.5), et_label=3, rc_label=4) == {
-        "ncr_ml": 0.003, "ed_ml": 0.002, "et_ml": 0.001, "rc_ml": 0.002, "tc_ml": 0.004, "wt_ml": 0.006}
+        "ncr_ml": 0.003,
+        "ed_ml": 0.002,
+        "et_ml": 0.001,
+        "rc_ml": 0.002,
+        "tc_ml": 0.004,
+        "wt_ml": 0.006,
+    }
     assert label_volumes(labels, (1, 1, 1), et_label=4)["et_ml"] == 0.002
 
 
@@ -149,8 +169,9 @@ def test_rerun_skips_finished_cases_and_overwrite_redoes_them(cases, tmp_path, c
     summary = _run(data, out, ThresholdNet(), settings={"et_threshold": 10})
     assert [r.case_id for r in summary.of("written")] == ["BraTS2021_00001"]
     summary = _run(data, out, ThresholdNet(), settings={"et_threshold": 10}, overwrite=True)
-    assert len(summary.written) == 3 and all(p.stat().st_mtime_ns > stamps[p.name] for p in out.glob("*.nii.gz")
-                                             if p.name != "BraTS2021_00001.nii.gz")
+    assert len(summary.written) == 3 and all(
+        p.stat().st_mtime_ns > stamps[p.name] for p in out.glob("*.nii.gz") if p.name != "BraTS2021_00001.nii.gz"
+    )
 
 
 def test_split_by_size_balances_voxels_and_covers_every_case_once():

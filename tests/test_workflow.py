@@ -9,11 +9,11 @@ import time
 
 import pytest
 import torch
+from conftest import CONFIG_DIR, REPO_ROOT, TINY_TRAINING
 from monai.bundle import ConfigParser, ConfigWorkflow
 
-from conftest import CONFIG_DIR, REPO_ROOT, TINY_TRAINING
-from custom.model.checkpoints import atomic_save, list_snapshots, load_state_dict
 from custom.data.synthetic import synthesize
+from custom.model.checkpoints import atomic_save, list_snapshots, load_state_dict
 
 
 @pytest.fixture(scope="module")
@@ -27,11 +27,14 @@ def test_train_config_network_and_run_ids():
     parser = ConfigParser()
     parser.read_config(str(CONFIG_DIR / "train.json"))
     network = parser.get_parsed_content("network_def")
-    assert sum(p.numel() for p in network.parameters()) == 24_923_945  # the paper's cascade (Conv1 heads), see test_network
+    assert (
+        sum(p.numel() for p in network.parameters()) == 24_923_945
+    )  # the paper's cascade (Conv1 heads), see test_network
     assert parser.config["training"] == "$@run"  # `run training` and plain `run` do the same
     # the config can be inspected before any dataset exists (MONAI Label, model-zoo checks) ...
-    workflow = ConfigWorkflow(config_file=str(CONFIG_DIR / "train.json"), workflow_type="train",
-                              dataset_dir="/nonexistent/BraTS")
+    workflow = ConfigWorkflow(
+        config_file=str(CONFIG_DIR / "train.json"), workflow_type="train", dataset_dir="/nonexistent/BraTS"
+    )
     workflow.initialize()
     assert workflow.check_properties() == []
     # ... and running it says what is missing
@@ -82,7 +85,13 @@ def test_train_one_epoch_then_evaluate(tiny_dataset, tmp_path):
 
 
 def _train_command(dataset, output_dir, epochs):
-    overrides = {**TINY_TRAINING, "epochs": epochs, "dataset_dir": str(dataset), "output_dir": str(output_dir), "cache": "none"}
+    overrides = {
+        **TINY_TRAINING,
+        "epochs": epochs,
+        "dataset_dir": str(dataset),
+        "output_dir": str(output_dir),
+        "cache": "none",
+    }
     command = [sys.executable, "-m", "monai.bundle", "run", "training", "--config_file", str(CONFIG_DIR / "train.json")]
     for key, value in overrides.items():
         command += [f"--{key}", json.dumps(value) if not isinstance(value, str) else value]
@@ -93,8 +102,13 @@ def test_resume_after_sigkill_continues_the_epoch_count(tiny_dataset, tmp_path):
     output_dir, epochs = tmp_path / "run", 4
     models = output_dir / "models"
     env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "OMP_NUM_THREADS": "1"}
-    process = subprocess.Popen(_train_command(tiny_dataset, output_dir, epochs), cwd=REPO_ROOT, env=env,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    process = subprocess.Popen(
+        _train_command(tiny_dataset, output_dir, epochs),
+        cwd=REPO_ROOT,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     deadline = time.time() + 240
     while not (models / "snapshot_epoch=2.pt").exists():
         assert process.poll() is None and time.time() < deadline, "training did not reach epoch 2"
@@ -104,8 +118,14 @@ def test_resume_after_sigkill_continues_the_epoch_count(tiny_dataset, tmp_path):
     killed_at = max(e for e, _ in list_snapshots(str(models)))
     assert 2 <= killed_at < epochs
 
-    resumed = subprocess.run(_train_command(tiny_dataset, output_dir, epochs), cwd=REPO_ROOT, env=env,
-                             capture_output=True, text=True, timeout=300)
+    resumed = subprocess.run(
+        _train_command(tiny_dataset, output_dir, epochs),
+        cwd=REPO_ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     log = resumed.stdout + resumed.stderr
     assert "resumed from" in log and f"epoch {killed_at} of {epochs} done" in log

@@ -223,13 +223,18 @@ def labels_to_regions(labels, label_scheme: str | LabelScheme | None = None, et_
     if labels.ndim == 4 and labels.shape[0] == 1:
         labels = labels[0]
     if is_tensor:
-        masks = [torch.isin(labels, torch.tensor(v, device=labels.device, dtype=labels.dtype)) for v in scheme.region_labels.values()]
+        masks = [
+            torch.isin(labels, torch.tensor(v, device=labels.device, dtype=labels.dtype))
+            for v in scheme.region_labels.values()
+        ]
         return torch.stack(masks, dim=0)
     labels = np.asarray(labels)
     return np.stack([np.isin(labels, v) for v in scheme.region_labels.values()], axis=0)
 
 
-def regions_to_labels(regions, label_scheme: str | LabelScheme | None = None, et_threshold: int = 0, et_label: int | None = None):
+def regions_to_labels(
+    regions, label_scheme: str | LabelScheme | None = None, et_threshold: int = 0, et_label: int | None = None
+):
     """Binary region masks ``(C, H, W, D)`` in channel order (TC, WT, ET[, RC]) -> one label map ``(H, W, D)`` uint8.
 
     The tumor regions are nested (ET in TC in WT): labels go from the outside in, WT -> 2, TC -> 1, ET -> the
@@ -284,4 +289,3 @@ class LabelsToRegionsd(MapTransform):
         for key in self.key_iterator(d):
             d[key] = labels_to_regions(d[key], self.scheme)
         return d
-

@@ -59,7 +59,11 @@ def lock_output_dir(output_dir: str, rank: int | None = None) -> str:
         ) from None
     except OSError:  # no flock on this file system (some network mounts): fall back to a PID check
         holder = _holder(path)
-        if holder.get("host") == socket.gethostname() and _alive(int(holder.get("pid", -1))) and holder.get("pid") != os.getpid():
+        if (
+            holder.get("host") == socket.gethostname()
+            and _alive(int(holder.get("pid", -1)))
+            and holder.get("pid") != os.getpid()
+        ):
             os.close(descriptor)
             raise OutputDirLocked(
                 f"output_dir {output_dir} is in use by another run (PID {holder['pid']}): wait for it, or pass another --output_dir"
@@ -67,7 +71,9 @@ def lock_output_dir(output_dir: str, rank: int | None = None) -> str:
     previous = _holder(path)
     if previous.get("pid") and previous.get("pid") != os.getpid():
         logger.info(f"took over the stale lock of {output_dir} (PID {previous['pid']} is gone)")
-    record = json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%d %H:%M:%S")})
+    record = json.dumps(
+        {"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%d %H:%M:%S")}
+    )
     os.ftruncate(descriptor, 0)
     os.pwrite(descriptor, record.encode(), 0)
     _held[real] = descriptor

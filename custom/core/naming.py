@@ -33,14 +33,27 @@ REGION_NAMES = ("tc", "wt", "et")  # network output channel order (MONAI's BraTS
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
 
 # file-name suffix -> sequence name (or "label"): 2018-2021 underscore naming (ET 4) and 2023+ dash naming (ET 3)
-_UNDERSCORE_SUFFIXES = {"t1": "t1", "t1ce": "t1c", "t1c": "t1c", "t1gd": "t1c", "t2": "t2", "flair": "flair", "seg": "label"}
+_UNDERSCORE_SUFFIXES = {
+    "t1": "t1",
+    "t1ce": "t1c",
+    "t1c": "t1c",
+    "t1gd": "t1c",
+    "t2": "t2",
+    "flair": "flair",
+    "seg": "label",
+}
 _DASH_SUFFIXES = {"t1n": "t1", "t1c": "t1c", "t2w": "t2", "t2f": "flair", "seg": "label"}
 _NAMINGS = (  # (pattern, suffix table, ET label the naming implies)
     (re.compile(r"^(?P<case>.+)-(?P<suffix>t1n|t1c|t2w|t2f|seg)$", re.IGNORECASE), _DASH_SUFFIXES, 3),
     (re.compile(r"^(?P<case>.+)_(?P<suffix>t1|t1ce|t1c|t1gd|t2|flair|seg)$", re.IGNORECASE), _UNDERSCORE_SUFFIXES, 4),
 )
 # every name a sequence goes by (datalists keyed by sequence, file suffixes) -> its channel
-_SEQUENCE_ALIASES = {**{k: v for k, v in _UNDERSCORE_SUFFIXES.items() if v != "label"}, "t1n": "t1", "t2w": "t2", "t2f": "flair"}
+_SEQUENCE_ALIASES = {
+    **{k: v for k, v in _UNDERSCORE_SUFFIXES.items() if v != "label"},
+    "t1n": "t1",
+    "t2w": "t2",
+    "t2f": "flair",
+}
 # the suffixes BraTS itself writes, per separator: "_" (2018-2021) and "-" (2023+)
 WRITTEN_SUFFIXES = {
     "_": {"t1": "t1", "t1c": "t1ce", "t2": "t2", "flair": "flair", "seg": "seg"},

@@ -16,8 +16,8 @@ from typing import Any
 import numpy as np
 
 from custom.core.errors import DataError, DatasetNotFound, format_problems
-from custom.core.labels import ET_LABELS, resolve_label_scheme
 from custom.core.io import atomic_path, check_case_ids
+from custom.core.labels import ET_LABELS, resolve_label_scheme
 from custom.core.naming import SEQUENCES, case_id_from_path, nifti_stem, parse_stem, sequence_name
 from custom.data.discovery import discover_cases
 from custom.data.validation import preflight
@@ -260,8 +260,15 @@ def load_datalist(
     """
     path = Path(str(source)).expanduser()
     if not path.exists() and missing_ok:
-        return {"name": "empty", "et_label": et_label or 4, "channel_order": list(SEQUENCES), "numFolds": folds,
-                "seed": seed, "training": [], "testing": []}
+        return {
+            "name": "empty",
+            "et_label": et_label or 4,
+            "channel_order": list(SEQUENCES),
+            "numFolds": folds,
+            "seed": seed,
+            "training": [],
+            "testing": [],
+        }
     if not path.exists():
         raise DatasetNotFound(_missing_dataset(str(path)))
     if path.is_dir():
@@ -275,8 +282,10 @@ def load_datalist(
         raw = json.loads(path.read_text())
     except json.JSONDecodeError as e:
         raise DataError(f"datalist {path} is not valid JSON ({e}); fix it or write a new one") from e
-    if not isinstance(raw, dict) or not isinstance(raw.get("training", []), list) or not isinstance(
-        raw.get("testing", []), list
+    if (
+        not isinstance(raw, dict)
+        or not isinstance(raw.get("training", []), list)
+        or not isinstance(raw.get("testing", []), list)
     ):
         raise DataError(f"datalist {path} must be a JSON object with 'training' and/or 'testing' lists")
     if not raw.get("training") and not raw.get("testing"):

@@ -172,8 +172,13 @@ def discover_cases(
 
     if incomplete:
         problems = [
-            CaseProblem(case_id, str(slots[case_id][next(iter(slots[case_id]))].parent), problem,
-                        "add the missing sequence files, or remove the case", kind="incomplete")
+            CaseProblem(
+                case_id,
+                str(slots[case_id][next(iter(slots[case_id]))].parent),
+                problem,
+                "add the missing sequence files, or remove the case",
+                kind="incomplete",
+            )
             for case_id, problem in incomplete.items()
         ]
         lines = [f"{case_id}: {problem}" for case_id, problem in incomplete.items()]

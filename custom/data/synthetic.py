@@ -254,8 +254,10 @@ def synthesize_case(
         clean = ndimage.gaussian_filter(clean, 0.6)  # partial volume
         clean *= np.exp(0.18 * _smooth_field(rng, shape, 3))  # bias field
         sigma = rng.uniform(0.04, 0.06)
-        noisy = np.sqrt((clean + sigma * rng.standard_normal(shape, np.float32)) ** 2
-                        + (sigma * rng.standard_normal(shape, np.float32)) ** 2)  # Rician
+        noisy = np.sqrt(
+            (clean + sigma * rng.standard_normal(shape, np.float32)) ** 2
+            + (sigma * rng.standard_normal(shape, np.float32)) ** 2
+        )  # Rician
         scale = rng.uniform(300.0, 1200.0)
         images[name] = np.where(brain, np.maximum(noisy * scale, 1.0), 0.0).astype(np.float32)
     return images, labels
@@ -389,8 +391,8 @@ def synthesize(
     ``BraTS2021_XXXXX/BraTS2021_XXXXX_{t1,t1ce,t2,flair,seg}.nii.gz`` with labels 0/1/2/4, ``"2023"`` writes
     ``BraTS-GLI-XXXXX-000/BraTS-GLI-XXXXX-000-{t1n,t1c,t2w,t2f,seg}.nii.gz`` with labels 0/1/2/3 (``"2020"``:
     ``BraTS20_Training_XXX``, labels 0/1/2/4; ``"2024"``: ``BraTS-GLI-XXXXX-100``, the 2023 file names, labels
-    0/1/2/3 and the resection cavity 4, label scheme ``brats2024``). Case ``i`` depends only on ``seed`` and ``i``. Existing cases of
-    the same ids are replaced; every case folder appears complete or not at all.
+    0/1/2/3 and the resection cavity 4, label scheme ``brats2024``). Case ``i`` depends only on ``seed`` and ``i``.
+    Existing cases of the same ids are replaced; every case folder appears complete or not at all.
     """
     start = time.perf_counter()
     shape, spacing = _as_triple(shape, "shape"), _as_triple(spacing, "spacing", float)

@@ -53,4 +53,3 @@ class EnsureSequenceChannelsd(MapTransform):
         if isinstance(result, MetaTensor):
             result.meta["original_channel_dim"] = 0
         return result.contiguous()
-

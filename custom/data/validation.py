@@ -78,7 +78,9 @@ def check_layout(case_id: str, images: Any) -> list[CaseProblem]:
     if not images or not isinstance(images, (list, tuple)):
         return [CaseProblem(case_id, "-", f"entry has no 'image' list ({images!r})", f"give {_EXPECTED}")]
     if len(images) not in (1, _N):
-        return [CaseProblem(case_id, ", ".join(images), f"{len(images)} image files", f"give {_EXPECTED} in this order")]
+        return [
+            CaseProblem(case_id, ", ".join(images), f"{len(images)} image files", f"give {_EXPECTED} in this order")
+        ]
     problems = []
     for i, path in enumerate(images):
         if path in images[:i]:
@@ -99,7 +101,11 @@ def read_nifti(case_id: str, path: str, header_only: bool = False) -> tuple[nib.
     truncated gzip stream is caught here rather than in a data loader worker."""
     p = Path(path)
     if not p.exists():
-        return None, None, [CaseProblem(case_id, path, "file not found", "check the path in the datalist / dataset_dir")]
+        return (
+            None,
+            None,
+            [CaseProblem(case_id, path, "file not found", "check the path in the datalist / dataset_dir")],
+        )
     if not p.is_file():
         return None, None, [CaseProblem(case_id, path, "not a file", "give the path of a .nii.gz file")]
     try:
@@ -116,7 +122,11 @@ def check_affine(case_id: str, path: str, affine: np.ndarray) -> list[CaseProble
     """A header affine with NaN or Inf places the volume nowhere: geometry round trips would be garbage."""
     if np.all(np.isfinite(affine)):
         return []
-    return [CaseProblem(case_id, path, "the header's affine holds NaN/Inf", "fix the qform/sform of the file (re-export it)")]
+    return [
+        CaseProblem(
+            case_id, path, "the header's affine holds NaN/Inf", "fix the qform/sform of the file (re-export it)"
+        )
+    ]
 
 
 def check_same_grid(
@@ -129,7 +139,9 @@ def check_same_grid(
     ref_path, ref_shape, ref_affine = volumes[0]
     for path, shape, affine in volumes[1:]:
         if shape != ref_shape:
-            problems.append(CaseProblem(case_id, path, f"shape {shape} differs from {ref_shape} of {ref_path}", _REGRID))
+            problems.append(
+                CaseProblem(case_id, path, f"shape {shape} differs from {ref_shape} of {ref_path}", _REGRID)
+            )
             continue
         if not (np.all(np.isfinite(affine)) and np.all(np.isfinite(ref_affine))):
             continue  # reported by check_affine
@@ -149,7 +161,11 @@ def check_finite(case_id: str, path: str, data: np.ndarray, name: str | None = N
     if not (n_nan or n_inf):
         return []
     what = ", ".join(f"{n} {kind} voxel(s)" for n, kind in ((n_nan, "NaN"), (n_inf, "Inf")) if n)
-    return [CaseProblem(case_id, path, f"{name + ': ' if name else ''}{what}", "replace NaN/Inf (e.g. by 0) or re-export the file")]
+    return [
+        CaseProblem(
+            case_id, path, f"{name + ': ' if name else ''}{what}", "replace NaN/Inf (e.g. by 0) or re-export the file"
+        )
+    ]
 
 
 def check_sequence_content(
@@ -208,7 +224,9 @@ def _as_volume(case_id: str, path: str, data: np.ndarray, what: str) -> tuple[np
         data = data[..., 0]
     if data.ndim != 3:
         fix = f"give {_EXPECTED}" if what in SEQUENCES else "give one 3-D label volume (X, Y, Z)"
-        return None, [CaseProblem(case_id, path, f"{what} has shape {data.shape}, expected one 3-D volume (X, Y, Z)", fix)]
+        return None, [
+            CaseProblem(case_id, path, f"{what} has shape {data.shape}, expected one 3-D volume (X, Y, Z)", fix)
+        ]
     return data, []
 
 
@@ -246,7 +264,11 @@ def inspect_case(
     case_id = _case_id(entry)
     report = CaseReport(case_id)
     if isinstance(entry, dict) and entry.get("error"):  # found incomplete by dataset discovery
-        report.problems.append(CaseProblem(case_id, entry.get("folder", "-"), entry["error"], entry.get("fix", "complete or remove the case")))
+        report.problems.append(
+            CaseProblem(
+                case_id, entry.get("folder", "-"), entry["error"], entry.get("fix", "complete or remove the case")
+            )
+        )
         return report
     images = entry.get("image") if isinstance(entry, dict) else None
     images = [images] if isinstance(images, (str, Path)) else images
@@ -324,7 +346,9 @@ def validate_entries(
     entries: list[dict], et_label: int, check_labels: bool = True, affine_tolerance: float = 1e-3, **kwargs
 ) -> list[CaseProblem]:
     """Every problem of every entry (an empty list when all are usable)."""
-    reports = preflight(entries, et_label=int(et_label), check_labels=check_labels, affine_tolerance=affine_tolerance, **kwargs)
+    reports = preflight(
+        entries, et_label=int(et_label), check_labels=check_labels, affine_tolerance=affine_tolerance, **kwargs
+    )
     return [p for report in reports for p in report.problems]
 
 
@@ -347,7 +371,9 @@ class _Verdict:
     et_trap: str | None
 
 
-def _judge(entries: list[dict], reports: list[CaseReport], et_label: int, check_labels: bool, require_et: bool) -> _Verdict:
+def _judge(
+    entries: list[dict], reports: list[CaseReport], et_label: int, check_labels: bool, require_et: bool
+) -> _Verdict:
     good, problems, n_bad = [], [], 0
     labeled = [r for r in reports if r.et_found is not None]
     for entry, report in zip(entries, reports):
@@ -370,7 +396,9 @@ def _stop_on_errors(verdict: _Verdict, n_entries: int, skip_invalid: bool, what_
     et_hint = " (--et_label 3 or 4)"
     if errors and not skip_invalid:
         legend = " (case: file: problem -> what to do)"
-        message = f"{len(errors)} problem(s) in {verdict.n_bad} of {n_entries} case(s){legend}:\n{format_problems(errors)}\n"
+        message = (
+            f"{len(errors)} problem(s) in {verdict.n_bad} of {n_entries} case(s){legend}:\n{format_problems(errors)}\n"
+        )
         if verdict.et_trap:
             message += verdict.et_trap + et_hint + "\n"
         raise DataError(message + what_to_do, verdict.problems)
@@ -397,8 +425,14 @@ def check_datalist(
     entries = list(entries)
     start = time.perf_counter()
     workers = max(1, min(int(num_workers or 0), os.cpu_count() or 1))
-    reports = preflight(entries, workers, et_label=int(et_label), check_labels=check_labels,
-                        affine_tolerance=affine_tolerance, label_scheme=label_scheme)
+    reports = preflight(
+        entries,
+        workers,
+        et_label=int(et_label),
+        check_labels=check_labels,
+        affine_tolerance=affine_tolerance,
+        label_scheme=label_scheme,
+    )
     verdict = _judge(entries, reports, int(et_label), check_labels, require_et)
     n_files = sum(len(e.get("image", [])) + bool(e.get("label")) for e in entries)
     errors = [p for p in verdict.problems if p.severity == "error"]
@@ -406,11 +440,17 @@ def check_datalist(
         f"pre-flight: checked {len(entries)} case(s) ({n_files} files) in {time.perf_counter() - start:.1f} s with "
         f"{workers} process(es): {len(errors)} problem(s) in {verdict.n_bad} case(s)"
     )
-    _stop_on_errors(verdict, len(entries), skip_invalid,
-                    "fix these files, or pass --skip_invalid true (skip_invalid=true) to go on without these cases")
+    _stop_on_errors(
+        verdict,
+        len(entries),
+        skip_invalid,
+        "fix these files, or pass --skip_invalid true (skip_invalid=true) to go on without these cases",
+    )
     if verdict.n_bad:
-        logger.warning(f"skip_invalid: skipping {verdict.n_bad} of {len(entries)} case(s):\n"
-                       f"{format_problems(verdict.problems)}")
+        logger.warning(
+            f"skip_invalid: skipping {verdict.n_bad} of {len(entries)} case(s):\n"
+            f"{format_problems(verdict.problems)}"
+        )
     elif verdict.problems:
         logger.warning(f"pre-flight warnings (the cases are used):\n{format_problems(verdict.problems)}")
     if not verdict.good:
@@ -436,8 +476,14 @@ def preflight_datalist(
     incomplete = list(datalist.get("incomplete", []))
     if not training and not incomplete:
         return datalist  # no dataset yet: the config is being inspected; the run says what is missing
-    usable = check_datalist(training + incomplete, et_label, skip_invalid=skip_invalid, num_workers=num_workers,
-                            affine_tolerance=affine_tolerance, label_scheme=label_scheme)
+    usable = check_datalist(
+        training + incomplete,
+        et_label,
+        skip_invalid=skip_invalid,
+        num_workers=num_workers,
+        affine_tolerance=affine_tolerance,
+        label_scheme=label_scheme,
+    )
     training_ids = {id(e) for e in training}
     good = [e for e in usable if id(e) in training_ids]
     if not good:
@@ -470,7 +516,14 @@ def check_headers(case_id: str, images: Sequence[str], affine_tolerance: float =
         if len(images) == _N:
             shape = shape[:3] if len(shape) == 3 or (len(shape) == 4 and shape[-1] == 1) else shape
             if len(shape) != 3:
-                problems.append(CaseProblem(case_id, path, f"{SEQUENCES[i]} has shape {shape}, expected one 3-D volume (X, Y, Z)", f"give {_EXPECTED}"))
+                problems.append(
+                    CaseProblem(
+                        case_id,
+                        path,
+                        f"{SEQUENCES[i]} has shape {shape}, expected one 3-D volume (X, Y, Z)",
+                        f"give {_EXPECTED}",
+                    )
+                )
                 continue
         affine = np.asarray(image.affine, dtype=np.float64)
         problems += check_affine(case_id, path, affine)
@@ -494,7 +547,8 @@ class CheckSequencesd:
     """Inference's per-case input check, as a dictionary transform placed right after loading: runs
     ``check_loaded_sequences`` on ``image`` (4, X, Y, Z) before normalisation, raises ``ValueError`` naming the case
     and every error (NaN/Inf, constant sequence, empty brain; a blank sequence with ``strict``), and stores the
-    warnings in ``input_warnings`` (one per line) and the brain's voxel count (non-zero in any sequence) in ``brain_voxels``."""
+    warnings in ``input_warnings`` (one per line) and the brain's voxel count (non-zero in any sequence) in ``brain_voxels``.
+    """
 
     def __init__(self, keys: str = "image", strict: bool = False) -> None:
         self.key, self.strict = keys if isinstance(keys, str) else keys[0], bool(strict)

@@ -199,7 +199,9 @@ def _resolve_schemes(
     if label_scheme:
         return get_scheme(label_scheme, et_label), {c: get_scheme(label_scheme, ref_et_label) for c in references}
     if et_label is None:  # predictions written by inference.json follow their dataset's convention
-        shared = {int(ref_et_label)} if ref_et_label is not None else {e for _, e in references.values() if e is not None}
+        shared = (
+            {int(ref_et_label)} if ref_et_label is not None else {e for _, e in references.values() if e is not None}
+        )
         pred_default = shared.pop() if len(shared) == 1 else 4
     else:
         pred_default = et_label

@@ -90,7 +90,9 @@ def _lesion_evaluator():
             f"lesion-wise metrics need the optional packages brats-evaluation and panoptica ({e}): "
             "pip install -e '.[brats]' (or pip install brats-evaluation)"
         ) from e
-    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()), warnings.catch_warnings():
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(
+        io.StringIO()
+    ), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         return Panoptica_Evaluator.load_from_config(str(brats_evaluation.config_path("gli")))
 

@@ -103,7 +103,11 @@ def labels_to_regions(
             expected = ", ".join(map(str, scheme.allowed_labels))
             hint = (
                 "ET is 4 in BraTS 2018-2021 and 3 in BraTS 2023+: set the et_label of this file accordingly"
-                + ("; 2024+ data with a resection cavity (4) needs label_scheme brats2024" if 4 in found and et_label == 3 else "")
+                + (
+                    "; 2024+ data with a resection cavity (4) needs label_scheme brats2024"
+                    if 4 in found and et_label == 3
+                    else ""
+                )
                 + "."
             )
             raise ValueError(

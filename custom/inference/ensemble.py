@@ -149,8 +149,10 @@ def _head_mismatch(network: torch.nn.Module, state: dict) -> str | None:
     if preactivated_file == preactivated_net or not any(".head." in k for k in state):
         return None
     if preactivated_file:
-        return ("it has the pre-activated output heads (GroupNorm-ReLU before the Conv1) that this bundle trained "
-                "before its heads followed Tables 1-2: set `network_def#preactivated_head` to true")
+        return (
+            "it has the pre-activated output heads (GroupNorm-ReLU before the Conv1) that this bundle trained "
+            "before its heads followed Tables 1-2: set `network_def#preactivated_head` to true"
+        )
     return "it has the tables' Conv1 output heads: set `network_def#preactivated_head` to false"
 
 

@@ -13,13 +13,13 @@ from monai.data import MetaTensor
 from monai.inferers import Inferer
 from monai.transforms import MapTransform
 
-from custom.inference.ensemble import FLIP_DIMS, SnapshotFlipEnsemble, sum_flipped_probabilities
+from custom.core.errors import DataError
 from custom.core.io import atomic_path, safe_case_id
+from custom.core.labels import DEFAULT_SCHEME, get_scheme, regions_to_labels, resolve_label_scheme
 from custom.core.naming import case_id_from_path, nifti_stem
 from custom.data.datalist import implied_et_label, load_datalist
 from custom.data.discovery import discover_cases
-from custom.core.errors import DataError
-from custom.core.labels import DEFAULT_SCHEME, get_scheme, regions_to_labels, resolve_label_scheme
+from custom.inference.ensemble import FLIP_DIMS, SnapshotFlipEnsemble, sum_flipped_probabilities
 
 __all__ = [
     "FLIP_DIMS",
@@ -90,7 +90,9 @@ def inference_files(source: str) -> list[dict]:
         return sorted(entries, key=lambda e: e["case_id"])
     datalist = load_datalist(source)
     entries = list(datalist.get("training", [])) + list(datalist.get("testing", []))
-    return [{"case_id": e.get("case_id") or case_id_from_path(_first(e["image"])), "image": e["image"]} for e in entries]
+    return [
+        {"case_id": e.get("case_id") or case_id_from_path(_first(e["image"])), "image": e["image"]} for e in entries
+    ]
 
 
 def dataset_label_scheme(source: str) -> str:
@@ -105,7 +107,9 @@ def dataset_label_scheme(source: str) -> str:
         return DEFAULT_SCHEME
     labelled = []  # label maps tell brats2024 (RC 4) from brats2023, which share the file naming
     if os.path.isdir(source):
-        labelled = [{"label": c.label} for c in discover_cases(source, allow_incomplete=True, incomplete_cases={}) if c.label]
+        labelled = [
+            {"label": c.label} for c in discover_cases(source, allow_incomplete=True, incomplete_cases={}) if c.label
+        ]
     return resolve_label_scheme({"et_label": implied_et_label(entries), "training": labelled}).name
 
 
@@ -116,7 +120,8 @@ def _first(image: str | Sequence[str]) -> str:
 class RegionsToLabelsd(MapTransform):
     """Dictionary wrapper of ``custom.core.labels.regions_to_labels``: TC, WT, ET (, RC) masks -> one BraTS label map
     ``(1, H, W, D)`` uint8 of ``label_scheme`` (None: the scheme of ``et_label``, default ET 4; ``et_label`` overrides the
-    scheme's ET value as in ``custom.core.labels.get_scheme``). With ``brats2024``, RC outside the tumor is written 4."""
+    scheme's ET value as in ``custom.core.labels.get_scheme``). With ``brats2024``, RC outside the tumor is written 4.
+    """
 
     def __init__(
         self, keys, et_label: int | None = None, et_threshold: int = 0, allow_missing_keys: bool = False,
@@ -147,8 +152,14 @@ class BratsPredictionWriter:
     case's first input file (BraTS submission format), atomically; optionally the averaged probabilities as
     ``<case_id>_probabilities.nii.gz`` (float32, channels last: TC, WT, ET)."""
 
-    def __init__(self, output_dir: str, save_probabilities: bool = False, probabilities_key: str = "probabilities") -> None:
-        self.output_dir, self.save_probabilities, self.probabilities_key = output_dir, save_probabilities, probabilities_key
+    def __init__(
+        self, output_dir: str, save_probabilities: bool = False, probabilities_key: str = "probabilities"
+    ) -> None:
+        self.output_dir, self.save_probabilities, self.probabilities_key = (
+            output_dir,
+            save_probabilities,
+            probabilities_key,
+        )
 
     def __call__(self, data: Mapping) -> str:
         case_id = safe_case_id(data["case_id"])  # never a path outside output_dir
@@ -157,7 +168,9 @@ class BratsPredictionWriter:
         spatial_shape = reference.shape[:3] if reference.ndim == 3 or reference.shape[-1] == 4 else reference.shape[1:4]
         labels = np.asarray(data["pred"]).astype(np.uint8).reshape(np.asarray(data["pred"]).shape[-3:])
         if labels.shape != tuple(spatial_shape):
-            raise RuntimeError(f"{case_id}: prediction shape {labels.shape} differs from the input {source} {spatial_shape}.")
+            raise RuntimeError(
+                f"{case_id}: prediction shape {labels.shape} differs from the input {source} {spatial_shape}."
+            )
         path = os.path.join(self.output_dir, f"{case_id}.nii.gz")
         image = self._like(labels, reference)
         if data.get("provenance"):  # the settings that made it, so a rerun can tell whether to keep it
@@ -165,7 +178,9 @@ class BratsPredictionWriter:
         _atomic_nifti(image, path)
         if self.save_probabilities and self.probabilities_key in data:
             probabilities = np.moveaxis(np.asarray(data[self.probabilities_key], dtype=np.float32), 0, -1)
-            _atomic_nifti(self._like(probabilities, reference), os.path.join(self.output_dir, f"{case_id}_probabilities.nii.gz"))
+            _atomic_nifti(
+                self._like(probabilities, reference), os.path.join(self.output_dir, f"{case_id}_probabilities.nii.gz")
+            )
         return path
 
     @staticmethod

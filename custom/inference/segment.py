@@ -40,14 +40,22 @@ import torch
 from monai.bundle import ConfigParser
 from monai.data import MetaTensor
 
+from custom.core.distributed import rank_and_world_size
 from custom.core.errors import DataError
+from custom.core.io import atomic_path
 from custom.core.labels import LabelScheme, get_scheme
 from custom.core.naming import case_id_from_path
-from custom.core.distributed import rank_and_world_size
-from custom.core.io import atomic_path
 from custom.data.validation import check_headers
 
-__all__ = ["Segmenter", "QualityCheck", "segment_cases", "label_volumes", "split_by_size", "SegmentationSummary", "load_segmenter"]
+__all__ = [
+    "Segmenter",
+    "QualityCheck",
+    "segment_cases",
+    "label_volumes",
+    "split_by_size",
+    "SegmentationSummary",
+    "load_segmenter",
+]
 
 logger = logging.getLogger(__name__)
 VOLUMES_CSV = "volumes.csv"
@@ -179,8 +187,11 @@ def _fingerprint(settings: Mapping | None) -> str:
         if isinstance(value, Mapping):
             return {str(k): expand(v) for k, v in sorted(value.items())}
         if isinstance(value, str) and os.path.exists(value):
-            paths = [value] if os.path.isfile(value) else sorted(
-                os.path.join(value, name) for name in os.listdir(value) if name.endswith(".pt"))
+            paths = (
+                [value]
+                if os.path.isfile(value)
+                else sorted(os.path.join(value, name) for name in os.listdir(value) if name.endswith(".pt"))
+            )
             return [(p, os.path.getsize(p), int(os.path.getmtime(p))) for p in paths]
         return value if isinstance(value, (int, float, bool, type(None))) else str(value)
 
@@ -239,8 +250,19 @@ class _VolumesTable:
 
 
 def _segment_one(
-    item: Mapping, case_id: str, preprocessing, network, inferer, postprocessing, writer, device, amp, quality_check,
-    et_label: int, rc_label: int | None, fingerprint: str,
+    item: Mapping,
+    case_id: str,
+    preprocessing,
+    network,
+    inferer,
+    postprocessing,
+    writer,
+    device,
+    amp,
+    quality_check,
+    et_label: int,
+    rc_label: int | None,
+    fingerprint: str,
 ) -> CaseResult:
     if item.get("error"):
         raise ValueError(item["error"])
@@ -250,7 +272,9 @@ def _segment_one(
     sample = preprocessing({**item, "source": item["image"]})
     warnings = [w for w in str(sample.get("input_warnings", "")).splitlines() if w]
     image = sample["image"].unsqueeze(0).to(device)
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if amp and device.type == "cuda" else contextlib.nullcontext()
+    autocast = (
+        torch.autocast(device.type, dtype=torch.bfloat16) if amp and device.type == "cuda" else contextlib.nullcontext()
+    )
     with torch.inference_mode(), autocast:
         probabilities = inferer(image, network)[0].float().cpu()
     sample["pred"] = MetaTensor(probabilities, meta=sample["image"].meta)
@@ -316,8 +340,23 @@ def segment_cases(
                 results.append(CaseResult(case_id, "skipped", existing))
                 continue
             try:
-                results.append(_segment_one(item, case_id, preprocessing, network, inferer, postprocessing, writer,
-                                            device, amp, quality_check, et_label, rc_label, fingerprint))
+                results.append(
+                    _segment_one(
+                        item,
+                        case_id,
+                        preprocessing,
+                        network,
+                        inferer,
+                        postprocessing,
+                        writer,
+                        device,
+                        amp,
+                        quality_check,
+                        et_label,
+                        rc_label,
+                        fingerprint,
+                    )
+                )
             except Exception as e:  # one bad case must not stop the others
                 results.append(CaseResult(case_id, "failed", _describe(e)))
                 logger.error(f"{case_id}: {results[-1].detail}")

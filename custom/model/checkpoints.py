@@ -56,7 +56,11 @@ def list_snapshots(ckpt_dir: str) -> list[tuple[int, str]]:
     current (latest) run, since a fresh run moves older runs' files to ``previous_runs/``."""
     if not os.path.isdir(ckpt_dir):
         return []
-    found = [(int(m.group(1)), os.path.join(ckpt_dir, name)) for name in os.listdir(ckpt_dir) if (m := SNAPSHOT_PATTERN.match(name))]
+    found = [
+        (int(m.group(1)), os.path.join(ckpt_dir, name))
+        for name in os.listdir(ckpt_dir)
+        if (m := SNAPSHOT_PATTERN.match(name))
+    ]
     return sorted(found)
 
 
@@ -71,11 +75,15 @@ def load_state_dict(path: str, map_location: str | torch.device = "cpu") -> dict
     Loads with ``weights_only=True``; errors name the file and say what to do.
     """
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"checkpoint {path} does not exist: train first or set `checkpoints` to existing files.")
+        raise FileNotFoundError(
+            f"checkpoint {path} does not exist: train first or set `checkpoints` to existing files."
+        )
     try:
         content = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # unpickling errors, truncated files
-        raise RuntimeError(f"checkpoint {path} could not be loaded ({type(e).__name__}: {e}); is it a complete .pt file?") from e
+        raise RuntimeError(
+            f"checkpoint {path} could not be loaded ({type(e).__name__}: {e}); is it a complete .pt file?"
+        ) from e
     if isinstance(content, Mapping) and "model" in content and isinstance(content["model"], Mapping):
         content = content["model"]
     if not isinstance(content, Mapping) or not all(isinstance(v, torch.Tensor) for v in content.values()):
@@ -88,8 +96,13 @@ def _rng_state() -> dict:
     name, keys, pos, has_gauss, cached_gaussian = np.random.get_state(legacy=True)
     state = {
         "python": random.getstate(),  # (version, tuple of ints, float or None)
-        "numpy": {"name": name, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
-                  "has_gauss": int(has_gauss), "cached_gaussian": float(cached_gaussian)},
+        "numpy": {
+            "name": name,
+            "keys": torch.from_numpy(keys.astype(np.int64)),
+            "pos": int(pos),
+            "has_gauss": int(has_gauss),
+            "cached_gaussian": float(cached_gaussian),
+        },
         "torch": torch.get_rng_state(),
     }
     if torch.cuda.is_available():
@@ -326,7 +339,9 @@ class ResumeFromLatest:
         if self.validator is not None and best and best.get("best_metric") is not None:
             self.validator.state.best_metric = best["best_metric"]
             self.validator.state.best_metric_epoch = best["best_metric_epoch"]
-            best_note = f", best {best['key_metric_name']} {best['best_metric']:.4f} at epoch {best['best_metric_epoch']}"
+            best_note = (
+                f", best {best['key_metric_name']} {best['best_metric']:.4f} at epoch {best['best_metric_epoch']}"
+            )
         engine.state.run_id = checkpoint.get("run_id") or _new_run_id()  # snapshots of older versions had none
         engine.state.max_epochs = max_epochs  # a resumed run ends at the epoch count configured now
         logger.info(

@@ -58,7 +58,9 @@ class ResidualEncoder(nn.Module):
         for level, n_blocks in enumerate(blocks_down):
             channels = init_filters * 2**level
             down = get_conv_layer(3, channels // 2, channels, stride=2) if level > 0 else nn.Identity()
-            self.levels.append(nn.Sequential(down, *[ResBlock(3, channels, norm=norm, act=act) for _ in range(n_blocks)]))
+            self.levels.append(
+                nn.Sequential(down, *[ResBlock(3, channels, norm=norm, act=act) for _ in range(n_blocks)])
+            )
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
         x = self.dropout(self.init_conv(x))
@@ -103,7 +105,9 @@ class ResidualDecoder(nn.Module):
                     get_upsample_layer(3, channels // 2, upsample_mode=upsample_mode),
                 )
             )
-            self.blocks.append(nn.Sequential(*[ResBlock(3, channels // 2, norm=norm, act=act) for _ in range(n_blocks)]))
+            self.blocks.append(
+                nn.Sequential(*[ResBlock(3, channels // 2, norm=norm, act=act) for _ in range(n_blocks)])
+            )
         end_conv = get_conv_layer(3, init_filters, out_channels, kernel_size=1, bias=True)
         if preactivated_head:
             norm_layer = get_norm_layer(name=norm, spatial_dims=3, channels=init_filters)

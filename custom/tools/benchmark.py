@@ -265,8 +265,9 @@ def _time_calls(fn: Callable[[], object], calls: int, warmup: int, device: torch
     }
 
 
-def _count_flops(build: Callable[[], tuple[torch.nn.Module, torch.nn.Module]], inputs: Sequence[Sequence[int]],
-                 device: torch.device) -> int:
+def _count_flops(
+    build: Callable[[], tuple[torch.nn.Module, torch.nn.Module]], inputs: Sequence[Sequence[int]], device: torch.device
+) -> int:
     """FLOPs of forward + loss + backward of ``build()``'s (network, loss) on inputs of shapes ``inputs`` (image,
     target), counted with ``FlopCounterMode`` on the meta device (no compute, no memory), or on ``device`` if some
     operation has no meta kernel."""
@@ -311,15 +312,22 @@ def _train_models(models: Sequence[str]) -> dict[str, tuple[Callable, float, flo
     parser = _config("train.json")
     lr, wd = float(parser["learning_rate"]), float(parser["weight_decay"])
     builders = {
-        "cascade": (lambda: (parser.get_parsed_content("network_def", lazy=False),
-                             parser.get_parsed_content("loss", lazy=False)), lr, wd),
+        "cascade": (
+            lambda: (
+                parser.get_parsed_content("network_def", lazy=False),
+                parser.get_parsed_content("loss", lazy=False),
+            ),
+            lr,
+            wd,
+        ),
         "anchor": (lambda: (anchor_network(), anchor_loss()), 1e-4, 1e-5),
     }
     return {m: builders[m] for m in models}
 
 
-def _train_step(name: str, mode: str, patch, steps: int, warmup: int, device: torch.device, amp: bool,
-                flops: int) -> dict:
+def _train_step(
+    name: str, mode: str, patch, steps: int, warmup: int, device: torch.device, amp: bool, flops: int
+) -> dict:
     make, lr, wd = _train_models([name])[name]
     memory = _PeakMemory(device)
     with torch.device(device):
@@ -415,8 +423,9 @@ def _inference_inputs(volume, case: str | None, seed: int) -> dict:
     }
 
 
-def _infer_cascade(mode: str, inputs: dict, tta: int, tta_chunk, steps: int, warmup: int, device: torch.device,
-                   amp: bool) -> dict:
+def _infer_cascade(
+    mode: str, inputs: dict, tta: int, tta_chunk, steps: int, warmup: int, device: torch.device, amp: bool
+) -> dict:
     """inference.json's ``network`` (the snapshot-flip ensemble) and ``inferer`` (flip TTA) as its ``run`` uses them,
     over one checkpoint of random weights: the paper ensemble of one ``model.pt`` runs all ``tta`` flips on it."""
     from custom.inference.ensemble import SnapshotFlipEnsemble, flip_chunk_size
@@ -426,14 +435,21 @@ def _infer_cascade(mode: str, inputs: dict, tta: int, tta_chunk, steps: int, war
     with tempfile.TemporaryDirectory() as tmp:
         checkpoint = os.path.join(tmp, "model.pt")
         torch.save(parser.get_parsed_content("network_def", lazy=False).state_dict(), checkpoint)
-        overrides = {"checkpoints": [checkpoint], "tta": int(tta), "tta_chunk_size": tta_chunk, "device": device,
-                     "compile": mode == "compiled"}
+        overrides = {
+            "checkpoints": [checkpoint],
+            "tta": int(tta),
+            "tta_chunk_size": tta_chunk,
+            "device": device,
+            "compile": mode == "compiled",
+        }
         for key, value in overrides.items():
             parser[key] = value
         network = parser.get_parsed_content("network", lazy=False)
         if not isinstance(network, SnapshotFlipEnsemble):
-            raise TypeError(f"inference.json's network is a {type(network).__name__}, not the SnapshotFlipEnsemble "
-                            "that this measurement times")
+            raise TypeError(
+                f"inference.json's network is a {type(network).__name__}, not the SnapshotFlipEnsemble "
+                "that this measurement times"
+            )
         network.load()  # as inference.json's run starts: every checkpoint read before the first case
     inferer = parser.get_parsed_content("inferer", lazy=False)
     image = inputs["image"]
@@ -590,9 +606,18 @@ def benchmark(
         **_device_info(device),
         "dtype": "bfloat16 autocast" if amp else "float32",
         "settings": {
-            "patch": list(patch), "volume": list(volume), "tta": int(tta), "tta_chunk": tta_chunk,
-            "steps": steps, "warmup": warmup, "compile": compile, "amp": amp, "case": case,
-            "workers": int(workers), "loader_cases": int(loader_cases), "batch": 1,
+            "patch": list(patch),
+            "volume": list(volume),
+            "tta": int(tta),
+            "tta_chunk": tta_chunk,
+            "steps": steps,
+            "warmup": warmup,
+            "compile": compile,
+            "amp": amp,
+            "case": case,
+            "workers": int(workers),
+            "loader_cases": int(loader_cases),
+            "batch": 1,
         },
     }
     records: list[dict] = []
@@ -668,12 +693,20 @@ def benchmark(
         head = {"measure": "infer_case", "model": "anchor", "mode": "eager", "flips": int(tta)}
         results[("anchor", "eager")] = attempt(
             head,
-            lambda: {"input": "full volume, flips in a loop",
-                     **_infer_anchor(inputs(), int(tta), steps, warmup, device, amp), **shapes()},
+            lambda: {
+                "input": "full volume, flips in a loop",
+                **_infer_anchor(inputs(), int(tta), steps, warmup, device, amp),
+                **shapes(),
+            },
         )
         for mode in modes:  # the anchor bundle runs eager
-            ratio("infer_case_ratio", mode, results[("cascade", mode)], results[("anchor", "eager")],
-                  {"s_ratio": "s_per_case", "memory_ratio": "peak_memory_mib"})
+            ratio(
+                "infer_case_ratio",
+                mode,
+                results[("cascade", mode)],
+                results[("anchor", "eager")],
+                {"s_ratio": "s_per_case", "memory_ratio": "peak_memory_mib"},
+            )
 
     if "loader" in selected:
         head = {"measure": "loader", "workers": int(workers)}

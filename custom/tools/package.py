@@ -190,7 +190,9 @@ def package(
     files = bundle_files(with_weights=with_weights, weights=weights)
     folders = sorted({f"{name}/{os.path.dirname(k)}/" for k in files if "/" in k} | {f"{name}/", f"{name}/models/"})
 
-    with atomic_path(output) as tmp, zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_DEFLATED, allowZip64=True) as archive:
+    with atomic_path(output) as tmp, zipfile.ZipFile(
+        tmp, "w", compression=zipfile.ZIP_DEFLATED, allowZip64=True
+    ) as archive:
         for folder in folders:
             _add(archive, folder, None)
         for arcname in sorted(files):

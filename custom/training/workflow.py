@@ -12,7 +12,6 @@ from custom.core.naming import REGION_NAMES
 __all__ = ["RegionOutput", "fastest_memory_format"]
 
 
-
 class RegionOutput:
     """``output_transform`` for a metric handler that looks at one region channel of ``pred`` and ``label``."""
 
@@ -65,7 +64,8 @@ def fastest_memory_format(
     network = network.to(memory_format=chosen).train(was_training)
     names = {torch.contiguous_format: "NCDHW", torch.channels_last_3d: "channels-last"}
     logging.getLogger(__name__).info(
-        "memory layout: " + ", ".join(f"{names[k]} {v * 1000:.0f} ms" for k, v in timings.items())
+        "memory layout: "
+        + ", ".join(f"{names[k]} {v * 1000:.0f} ms" for k, v in timings.items())
         + f" per forward+backward of a {tuple(batch.shape)} batch; training in {names[chosen]}"
     )
     return network
