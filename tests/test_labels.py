@@ -75,6 +75,12 @@ def test_regions_to_labels_inverts_labels_to_regions(name, as_tensor):
     back = regions_to_labels(regions, name)
     assert isinstance(back, torch.Tensor) == as_tensor and back.dtype in (torch.uint8, np.uint8)
     assert np.array_equal(np.asarray(back), labels)
+    # the scheme's own methods are the same conversions
+    assert np.array_equal(np.asarray(scheme.to_regions(labels)), np.asarray(regions))
+    assert np.array_equal(np.asarray(scheme.to_labels(scheme.to_regions(labels))), labels)
+    masks = scheme.region_masks(labels)
+    assert list(masks) == list(scheme.regions)
+    assert all(np.array_equal(masks[r], np.asarray(regions)[i]) for i, r in enumerate(scheme.regions))
 
 
 def test_rc_is_written_outside_the_tumor_only_and_et_threshold():

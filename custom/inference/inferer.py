@@ -15,7 +15,7 @@ from monai.transforms import MapTransform
 
 from custom.core.errors import DataError
 from custom.core.io import atomic_path, safe_case_id
-from custom.core.labels import DEFAULT_SCHEME, get_scheme, regions_to_labels, resolve_label_scheme
+from custom.core.labels import DEFAULT_SCHEME, get_scheme, resolve_label_scheme
 from custom.core.naming import case_id_from_path, nifti_stem
 from custom.data.datalist import implied_et_label, load_datalist
 from custom.data.discovery import discover_cases
@@ -135,7 +135,7 @@ class RegionsToLabelsd(MapTransform):
         d = dict(data)
         for key in self.key_iterator(d):
             regions = d[key]
-            labels = regions_to_labels(regions, self.scheme, self.et_threshold)[None]
+            labels = self.scheme.to_labels(regions, self.et_threshold)[None]
             if isinstance(regions, MetaTensor):
                 labels = MetaTensor(labels, meta=regions.meta)
             d[key] = labels
