@@ -14,7 +14,15 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import TypeVar
 
-__all__ = ["CaseProblem", "DataError", "DatasetNotFound", "OutputDirLocked", "format_problems", "clean_exit"]
+__all__ = [
+    "CaseProblem",
+    "DataError",
+    "DatasetNotFound",
+    "WeightsNotFound",
+    "OutputDirLocked",
+    "format_problems",
+    "clean_exit",
+]
 
 F = TypeVar("F", bound=Callable)
 
@@ -58,6 +66,10 @@ class DataError(ValueError):
 
 class DatasetNotFound(DataError, FileNotFoundError):
     """``dataset_dir`` (a folder of cases or a datalist JSON) does not exist."""
+
+
+class WeightsNotFound(DataError, FileNotFoundError):
+    """A checkpoint, a folder of snapshots or a checkpoint pattern names no weights file."""
 
 
 class OutputDirLocked(DataError):

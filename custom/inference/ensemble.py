@@ -27,6 +27,7 @@ from collections.abc import Callable, Sequence
 import torch
 from monai.data import MetaTensor
 
+from custom.core.errors import WeightsNotFound
 from custom.model.checkpoints import BEST_MODEL, SNAPSHOT_PATTERN, TRAINING_ONLY, list_snapshots, load_state_dict
 
 __all__ = [
@@ -66,7 +67,7 @@ def _epoch_order(paths: list[str]) -> list[str]:
 
 def _existing(path: str) -> str:
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"checkpoint {path} does not exist: {_NO_WEIGHTS}.")
+        raise WeightsNotFound(f"checkpoint {path} does not exist: {_NO_WEIGHTS}.")
     return path
 
 
@@ -74,7 +75,7 @@ def _folder_set(folder: str, ensemble: str) -> list[str]:
     best = os.path.join(folder, BEST_MODEL)
     if ensemble == "best":
         if not os.path.isfile(best):
-            raise FileNotFoundError(f"{folder} holds no {BEST_MODEL} (the best-validation weights): {_NO_WEIGHTS}.")
+            raise WeightsNotFound(f"{folder} holds no {BEST_MODEL} (the best-validation weights): {_NO_WEIGHTS}.")
         return [best]
     snapshots = [path for _, path in list_snapshots(folder)]
     if snapshots:
@@ -82,7 +83,7 @@ def _folder_set(folder: str, ensemble: str) -> list[str]:
     if os.path.isfile(best):
         logger.info(f"{folder} holds no snapshot_epoch=N.pt files: its {BEST_MODEL} is the snapshot set")
         return [best]
-    raise FileNotFoundError(f"{folder} holds neither snapshot_epoch=N.pt files nor {BEST_MODEL}: {_NO_WEIGHTS}.")
+    raise WeightsNotFound(f"{folder} holds neither snapshot_epoch=N.pt files nor {BEST_MODEL}: {_NO_WEIGHTS}.")
 
 
 def snapshot_sets(
@@ -116,7 +117,7 @@ def snapshot_sets(
             elif any(c in item for c in "*?["):
                 matches = _epoch_order(glob.glob(item))
                 if not matches:
-                    raise FileNotFoundError(f"checkpoint pattern {item} matches no file: {_NO_WEIGHTS}.")
+                    raise WeightsNotFound(f"checkpoint pattern {item} matches no file: {_NO_WEIGHTS}.")
                 files += matches
             else:
                 files.append(_existing(item))
