@@ -133,32 +133,22 @@ def test_verify_net_in_out_with_the_full_size_network():
 # exports
 
 
+def _export_command(verb: str, exported, checkpoint, *extra: str) -> list[str]:
+    """``python -m monai.bundle <verb> network_def`` of inference.json with the narrow test network, traced."""
+    return [
+        sys.executable, "-m", "monai.bundle", verb, "network_def", "--filepath", str(exported),
+        "--ckpt_file", str(checkpoint), "--meta_file", str(META_FILE), "--config_file", str(INFERENCE_CONFIG),
+        "--use_trace", "True", *extra, *_cli_overrides(NARROW_NETWORK),
+    ]  # fmt: skip
+
+
 def test_ckpt_export_torchscript_equals_the_eager_network(small_checkpoint, tmp_path):
     """The model card's command: CascadedUNet is traced (``--use_trace True``), not scripted; the trace generalises to
     other 8*n shapes because the eval-mode forward has no data-dependent branches."""
     from monai.data import load_net_with_metadata
 
     exported = tmp_path / "model.ts"
-    _run(
-        [
-            sys.executable,
-            "-m",
-            "monai.bundle",
-            "ckpt_export",
-            "network_def",
-            "--filepath",
-            str(exported),
-            "--ckpt_file",
-            str(small_checkpoint),
-            "--meta_file",
-            str(META_FILE),
-            "--config_file",
-            str(INFERENCE_CONFIG),
-            "--use_trace",
-            "True",
-            *_cli_overrides(NARROW_NETWORK),
-        ]
-    )
+    _run(_export_command("ckpt_export", exported, small_checkpoint))
     traced, meta, extra = load_net_with_metadata(str(exported), more_extra_files=["inference.json"])
     assert meta["network_data_format"]["outputs"]["pred"]["channel_def"] == {"0": "TC", "1": "WT", "2": "ET"}
     assert json.loads(extra["inference.json"])["network_def"]["_target_"] == "custom.model.network.CascadedUNet"
@@ -184,28 +174,7 @@ def test_onnx_export_equals_the_eager_network(small_checkpoint, tmp_path):
     import onnxruntime
 
     exported = tmp_path / "model.onnx"
-    _run(
-        [
-            sys.executable,
-            "-m",
-            "monai.bundle",
-            "onnx_export",
-            "network_def",
-            "--filepath",
-            str(exported),
-            "--ckpt_file",
-            str(small_checkpoint),
-            "--meta_file",
-            str(META_FILE),
-            "--config_file",
-            str(INFERENCE_CONFIG),
-            "--use_trace",
-            "True",
-            "--converter_kwargs",
-            ONNX_KWARGS,
-            *_cli_overrides(NARROW_NETWORK),
-        ]
-    )
+    _run(_export_command("onnx_export", exported, small_checkpoint, "--converter_kwargs", ONNX_KWARGS))
     session = onnxruntime.InferenceSession(str(exported), providers=["CPUExecutionProvider"])
     torch.manual_seed(1)
     x = torch.randn(1, 4, 16, 24, 32)  # dynamic spatial axes: not the 8^3 export shape

@@ -100,16 +100,16 @@ def dataset_label_scheme(source: str) -> str:
     naming: ``brats2023``, or ``brats2024`` when most label maps hold RC 4; 2018-2021 naming and 4-channel files:
     ``brats2018``); ``brats2018`` when ``source`` does not exist yet. ``--label_scheme`` overrides it."""
     try:
-        entries = [e for e in inference_files(source) if e["image"]]
+        if os.path.isdir(source):  # one discovery gives the images and the label maps
+            cases = discover_cases(source, allow_incomplete=True, incomplete_cases={})
+            entries = [{"image": c.images} for c in cases]
+            labelled = [{"label": c.label} for c in cases if c.label]  # RC 4 tells brats2024 from brats2023
+        else:
+            entries, labelled = [e for e in inference_files(source) if e["image"]], []
     except DataError:  # no recognisable case: the run reports it, in one message
         entries = []
     if not entries:
         return DEFAULT_SCHEME
-    labelled = []  # label maps tell brats2024 (RC 4) from brats2023, which share the file naming
-    if os.path.isdir(source):
-        labelled = [
-            {"label": c.label} for c in discover_cases(source, allow_incomplete=True, incomplete_cases={}) if c.label
-        ]
     return resolve_label_scheme({"et_label": implied_et_label(entries), "training": labelled}).name
 
 
