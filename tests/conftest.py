@@ -12,6 +12,10 @@ CONFIG_DIR = REPO_ROOT / "bundle" / "configs"
 
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
+# tests/zoo/ holds the model zoo's unit test of the bundle in the zoo's form; it runs against an unzipped bundle in a
+# zoo-like folder, which tests/test_zoo.py builds and runs it in, not from this tree
+collect_ignore_glob = ["zoo/*"]
+
 # a narrow test-only network, for tests where the architecture is not under test (test_network.py checks the paper's)
 NARROW_NETWORK = {"network_def#init_filters": 8, "network_def#blocks_down": [1, 1, 1, 1]}
 # one epoch of train.json on 32^3 synthetic cases, validated at its end

@@ -24,14 +24,28 @@ from monai.networks.layers.factories import Dropout
 from monai.networks.layers.utils import get_norm_layer
 from torch.utils.checkpoint import checkpoint
 
-__all__ = ["ResidualEncoder", "ResidualDecoder", "ResidualUNet", "CascadedUNet"]
+__all__ = ["CheckpointedSequential", "ResidualEncoder", "ResidualDecoder", "ResidualUNet", "CascadedUNet"]
 
 
-def _run(module: nn.Module, x: torch.Tensor, use_checkpointing: bool) -> torch.Tensor:
-    """Runs ``module``; with checkpointing its activations are recomputed in backward (the paper's 12 GB setting)."""
-    if use_checkpointing and torch.is_grad_enabled() and x.requires_grad:
-        return checkpoint(module, x, use_reentrant=False)
-    return module(x)
+class CheckpointedSequential(nn.Sequential):
+    """``nn.Sequential`` whose activations are recomputed in backward when ``checkpointing`` is on (the paper's
+    12 GB setting). TorchScript compiles it as a plain ``Sequential`` (``torch.utils.checkpoint`` cannot be
+    scripted and is only for training), and its state-dict keys are those of ``nn.Sequential``."""
+
+    def __init__(self, *modules: nn.Module, checkpointing: bool = False) -> None:
+        super().__init__(*modules)
+        self.checkpointing = checkpointing
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not torch.jit.is_scripting() and self.checkpointing and torch.is_grad_enabled() and x.requires_grad:
+            return self._checkpointed(x)
+        for module in self:
+            x = module(x)
+        return x
+
+    @torch.jit.unused
+    def _checkpointed(self, x: torch.Tensor) -> torch.Tensor:
+        return checkpoint(super().forward, x, use_reentrant=False)
 
 
 class ResidualEncoder(nn.Module):
@@ -58,15 +72,14 @@ class ResidualEncoder(nn.Module):
         for level, n_blocks in enumerate(blocks_down):
             channels = init_filters * 2**level
             down = get_conv_layer(3, channels // 2, channels, stride=2) if level > 0 else nn.Identity()
-            self.levels.append(
-                nn.Sequential(down, *[ResBlock(3, channels, norm=norm, act=act) for _ in range(n_blocks)])
-            )
+            blocks = [ResBlock(3, channels, norm=norm, act=act) for _ in range(n_blocks)]
+            self.levels.append(CheckpointedSequential(down, *blocks, checkpointing=gradient_checkpointing))
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
         x = self.dropout(self.init_conv(x))
         features = []
         for level in self.levels:
-            x = _run(level, x, self.gradient_checkpointing)
+            x = level(x)
             features.append(x)
         return features
 
@@ -105,9 +118,8 @@ class ResidualDecoder(nn.Module):
                     get_upsample_layer(3, channels // 2, upsample_mode=upsample_mode),
                 )
             )
-            self.blocks.append(
-                nn.Sequential(*[ResBlock(3, channels // 2, norm=norm, act=act) for _ in range(n_blocks)])
-            )
+            blocks = [ResBlock(3, channels // 2, norm=norm, act=act) for _ in range(n_blocks)]
+            self.blocks.append(CheckpointedSequential(*blocks, checkpointing=gradient_checkpointing))
         end_conv = get_conv_layer(3, init_filters, out_channels, kernel_size=1, bias=True)
         if preactivated_head:
             norm_layer = get_norm_layer(name=norm, spatial_dims=3, channels=init_filters)
@@ -118,9 +130,9 @@ class ResidualDecoder(nn.Module):
     def forward(self, features: list[torch.Tensor]) -> torch.Tensor:
         skips = features[::-1]
         x = skips[0]
-        for upsample, blocks, skip in zip(self.upsamples, self.blocks, skips[1:]):
-            x = upsample(x) + skip
-            x = _run(blocks, x, self.gradient_checkpointing)
+        # zip over the two ModuleLists only and index the skips: TorchScript needs loops of static length
+        for level, (upsample, blocks) in enumerate(zip(self.upsamples, self.blocks)):
+            x = blocks(upsample(x) + skips[level + 1])
         return self.head(x)
 
 
@@ -223,10 +235,12 @@ class CascadedUNet(nn.Module):
         )
 
     def _check_shape(self, x: torch.Tensor) -> None:
-        bad = [s for s in x.shape[2:] if s % self.divisor]
-        if x.ndim != 5 or bad:
+        divisible = x.ndim == 5
+        for size in x.shape[2:]:  # a loop, not a filtered comprehension: TorchScript compiles this method too
+            divisible = divisible and size % self.divisor == 0
+        if not divisible:
             raise ValueError(
-                f"CascadedUNet expects (B, C, H, W, D) with H, W, D divisible by {self.divisor}, got {tuple(x.shape)}; "
+                f"CascadedUNet expects (B, C, H, W, D) with H, W, D divisible by {self.divisor}, got {list(x.shape)}; "
                 "pad the input (e.g. monai.transforms.DivisiblePad(k=8))."
             )
 

@@ -1,8 +1,10 @@
 """The model-zoo bundle zip: ``python -m custom package [--output PATH] [--with_weights] [--weights PATH]``.
 
-The zip unpacks to one folder named after the bundle (MONAI bundle specification, "Archive Format")::
+The zip unpacks to one folder named by the bundle's id (MONAI bundle specification, "Archive Format"; the model
+zoo's folder ``models/<id>``), ``BUNDLE_ID``: the zoo's ``<data>_<modality>_<method>_<task>``. The id is not
+``name`` of the metadata, which the zoo uses as a display name ("BraTS MRI segmentation")::
 
-    <name>/
+    brats_mri_cascaded_unet_segmentation/
       LICENSE
       large_files.yml
       configs/    the bundle's own configs (BUNDLE_CONFIGS); other files there (datalists, experiments) stay out
@@ -24,7 +26,9 @@ from pathlib import Path
 
 from custom.core.io import atomic_path
 
-__all__ = ["package", "bundle_files", "default_output", "BUNDLE_CONFIGS"]
+__all__ = ["package", "bundle_files", "default_output", "BUNDLE_CONFIGS", "BUNDLE_ID"]
+
+BUNDLE_ID = "brats_mri_cascaded_unet_segmentation"  # folder of the unpacked zip and of the zoo's models/<id>
 
 # The configs that are part of the bundle. Anything else in configs/ (a datalist with private paths, a local
 # experiment) is left out of the zip: add a new bundle config here to ship it.
@@ -65,16 +69,15 @@ def _metadata(bundle_dir: Path) -> dict:
     path = bundle_dir / "configs" / "metadata.json"
     with open(path) as f:
         metadata = json.load(f)
-    for key in ("name", "version"):
-        if not metadata.get(key):
-            raise ValueError(f"{path} has no `{key}`: the zip is named <name>_v<version>.zip and unpacks to <name>/.")
+    if not metadata.get("version"):
+        raise ValueError(f"{path} has no `version`: the zip is named {BUNDLE_ID}_v<version>.zip.")
     return metadata
 
 
 def default_output() -> str:
-    """``dist/<name>_v<version>.zip`` (relative to the working directory) from the bundle's metadata."""
+    """``dist/<BUNDLE_ID>_v<version>.zip`` (relative to the working directory), ``version`` from the metadata."""
     metadata = _metadata(_bundle_dir())
-    return os.path.join("dist", f"{metadata['name']}_v{metadata['version']}.zip")
+    return os.path.join("dist", f"{BUNDLE_ID}_v{metadata['version']}.zip")
 
 
 def _tree(folder: Path, suffixes: tuple[str, ...] | None = None) -> list[Path]:
@@ -98,7 +101,7 @@ def _regular_file(path: Path) -> bool:
 
 
 def bundle_files(with_weights: bool = False, weights: str | os.PathLike | None = None) -> dict[str, Path]:
-    """What goes into the zip: ``{path inside <name>/: source file}``.
+    """What goes into the zip: ``{path inside <BUNDLE_ID>/: source file}``.
 
     Raises ``FileNotFoundError`` naming the file when a required part (LICENSE, large_files.yml, the model card,
     the weights asked for) is missing.
@@ -178,14 +181,14 @@ def package(
     """Writes the bundle zip and returns its path.
 
     Args:
-        output: the zip to write; default ``dist/<name>_v<version>.zip`` (``name`` and ``version`` from
+        output: the zip to write; default ``dist/<BUNDLE_ID>_v<version>.zip`` (``version`` from
             ``configs/metadata.json``). Its folders are created.
         with_weights: include ``models/model.pt`` of the bundle (``bundle/models/model.pt``).
         weights: include this file as ``models/model.pt`` instead (implies ``with_weights``).
     """
     bundle_dir = _bundle_dir()
-    metadata = _metadata(bundle_dir)
-    name = metadata["name"]
+    _metadata(bundle_dir)  # a version to name the zip by
+    name = BUNDLE_ID
     output = Path(output if output is not None else default_output()).resolve()
     files = bundle_files(with_weights=with_weights, weights=weights)
     folders = sorted({f"{name}/{os.path.dirname(k)}/" for k in files if "/" in k} | {f"{name}/", f"{name}/models/"})
