@@ -258,6 +258,54 @@ def test_resume_skips_a_truncated_or_planted_snapshot_and_names_it(tmp_path, cap
         _engine_run(tmp_path, epochs=3, resume=True)
 
 
+def _flip_bits_in_a_tensor(path):
+    """Flips one byte inside the stored bytes of a tensor of a torch.save zip archive (bit rot, a bad copy)."""
+    data = bytearray(pathlib.Path(path).read_bytes())
+    with zipfile.ZipFile(path) as archive:
+        record = max((i for i in archive.infolist() if "/data/" in i.filename), key=lambda i: i.file_size)
+    start = record.header_offset + 30 + len(record.filename.encode())
+    start += int.from_bytes(data[record.header_offset + 28 : record.header_offset + 30], "little")  # extra field
+    data[start + record.file_size // 2] ^= 0x10
+    pathlib.Path(path).write_bytes(bytes(data))
+
+
+def test_resume_skips_a_snapshot_with_flipped_bits_and_names_it(tmp_path, caplog):
+    _engine_run(tmp_path, epochs=3, resume=False, n_saved=3, network=torch.nn.Linear(64, 16))
+    latest = tmp_path / "snapshot_epoch=3.pt"
+    assert torch.load(latest, weights_only=True)["trainer"]["iteration"] == 3  # still a loadable file ...
+    _flip_bits_in_a_tensor(latest)
+    assert torch.load(latest, weights_only=True)["trainer"]["iteration"] == 3  # ... that torch.load takes as it is
+    with caplog.at_level(logging.INFO, logger="custom.model.checkpoints"):
+        engine = _engine_run(tmp_path, epochs=3, resume=True, n_saved=3, network=torch.nn.Linear(64, 16))
+    assert f"snapshot {latest} cannot be loaded: its checksum does not match" in caplog.text
+    assert f"resumed from {tmp_path / 'snapshot_epoch=2.pt'}" in caplog.text
+    assert engine.state.epoch == 3
+
+
+def test_a_model_pt_with_flipped_bits_is_refused_and_one_without_checksum_loads_with_a_note(tmp_path, caplog):
+    weights = CascadedUNet(**SMALL, trilinear_decoder=False).state_dict()
+    models = tmp_path / "models"
+    models.mkdir()
+    saved = BestModelSaver(str(models), CascadedUNet(**SMALL, trilinear_decoder=False))
+    saved.network.load_state_dict(weights)
+    engine = Engine(lambda e, b: None)
+    engine.state.best_metric_epoch = engine.state.epoch = 1
+    engine.state.key_metric_name, engine.state.best_metric = "val_mean_dice", 0.5
+    saved(engine)
+    path = models / "model.pt"
+    assert all(torch.equal(v, weights[k]) for k, v in load_state_dict(str(path)).items())
+    _flip_bits_in_a_tensor(path)
+    with pytest.raises(RuntimeError, match=rf"checkpoint {path} cannot be loaded: its checksum does not match"):
+        load_state_dict(str(path))
+    ensemble = SnapshotFlipEnsemble(CascadedUNet(**SMALL, trilinear_decoder=False), [str(models)], tta=1)
+    with pytest.raises(RuntimeError, match=rf"checkpoint {path} cannot be loaded: its checksum"):
+        ensemble.load()  # inference stops on it, as on a truncated file
+    torch.save(weights, path)  # an older version's model.pt: no checksum
+    with caplog.at_level(logging.INFO, logger="custom.model.checkpoints"):
+        assert set(load_state_dict(str(path))) == set(weights)
+    assert f"checkpoint {path} has no checksum" in caplog.text
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # case ids, permissions
 

@@ -1,14 +1,30 @@
-"""Safe output files: atomic writes (every file appears whole or not at all) and case ids that are plain file names."""
+"""Safe output files: atomic writes (every file appears whole or not at all, and stays so after a power cut), the
+clean-up of the temporary files a killed save leaves, a writability check of output folders, and case ids that are
+plain file names.
+
+``atomic_path`` writes to a hidden temporary file next to the target (``.<name>.<12 hex digits><suffix>``), fsyncs
+it, renames it over the target (``os.replace``) and fsyncs the folder. A process killed while writing leaves that
+temporary file behind (up to a whole checkpoint); ``remove_stale_temp_files`` removes the ones older than a given
+time (the lock of an output folder calls it with the locking process's start time, so files of live writers stay).
+"""
 
 from __future__ import annotations
 
 import contextlib
+import logging
 import ntpath
 import os
+import re
 import secrets
 from collections.abc import Iterator, Mapping, Sequence
 
-__all__ = ["atomic_path", "safe_case_id", "check_case_ids"]
+from custom.core.errors import DataError
+
+__all__ = ["atomic_path", "safe_case_id", "check_case_ids", "check_writable", "remove_stale_temp_files", "TEMP_FILE"]
+
+logger = logging.getLogger(__name__)
+# the temporary files of atomic_path: "." + target name + "." + 12 hex digits + the suffix (".tmp" or a format's)
+TEMP_FILE = re.compile(r"^\..+\.[0-9a-f]{12}(\.tmp|\.nii\.gz|\.nii|\.zip|\.png|\.json|\.csv)$")
 
 
 def _new_empty_file(folder: str, prefix: str, suffix: str) -> str:
@@ -37,11 +53,74 @@ def atomic_path(path: str | os.PathLike, suffix: str = ".tmp") -> Iterator[str]:
     tmp = _new_empty_file(folder, f".{os.path.basename(path)}.", suffix)
     try:
         yield tmp
+        _fsync_file(tmp)  # the content reaches the disk before the rename makes it the file
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
+    _fsync_folder(folder)  # and the rename itself
+
+
+def _fsync_file(path: str) -> None:
+    descriptor = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
+
+
+def _fsync_folder(folder: str) -> None:
+    """fsync of a folder (its entries); a no-op where folders cannot be opened or synced (some network mounts)."""
+    try:
+        descriptor = os.open(folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    except OSError:
+        return
+    try:
+        os.fsync(descriptor)
+    except OSError:
+        pass
+    finally:
+        os.close(descriptor)
+
+
+def check_writable(folder: str | os.PathLike, what: str = "output_dir") -> None:
+    """``DataError`` naming ``folder`` unless it exists (it is created) and a file can be created and removed in
+    it: a run finds a read-only or full output folder before its first case, not after it."""
+    folder = str(folder)
+    try:
+        os.makedirs(folder, exist_ok=True)
+        os.remove(_new_empty_file(folder, ".write_test.", ".tmp"))
+    except OSError as e:
+        raise DataError(
+            f"{what} {folder} is not writable ({e.strerror or type(e).__name__}"
+            f"{': ' + e.filename if getattr(e, 'filename', None) and e.filename != folder else ''}): "
+            f"fix its permissions or free space, or pass another --{what}"
+        ) from None
+
+
+def remove_stale_temp_files(folder: str | os.PathLike, older_than: float) -> list[str]:
+    """Removes the temporary files of ``atomic_path`` (``TEMP_FILE``) directly in ``folder`` last modified before
+    ``older_than`` (seconds since the epoch): leftovers of a save that was killed. Returns the removed paths."""
+    removed = []
+    try:
+        names = os.listdir(folder)
+    except OSError:
+        return removed
+    for name in sorted(names):
+        path = os.path.join(str(folder), name)
+        if not TEMP_FILE.match(name):
+            continue
+        try:
+            if not os.path.isfile(path) or os.path.islink(path) or os.path.getmtime(path) >= older_than:
+                continue
+            size = os.path.getsize(path)
+            os.remove(path)
+        except OSError:
+            continue
+        removed.append(path)
+        logger.info(f"removed {path} ({size} bytes), the temporary file of a save that was killed")
+    return removed
 
 
 def _case_id_problem(case_id: object) -> str | None:

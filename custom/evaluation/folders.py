@@ -2,6 +2,10 @@
 or datalist entries), loading and checking them, the per-case rows and their CSV table with summary rows, and the
 gathering of the rows of every rank under torchrun. The metrics themselves: ``custom.evaluation.metrics`` and
 ``custom.evaluation.lesions``.
+
+Problems with the user's folders or cases are ``DataError``s (``EvaluationFailed`` when cases could not be scored,
+also a ``RuntimeError`` as before), so that ``python -m custom evaluate`` and evaluate.json end with their messages
+and a non-zero exit status, without a traceback.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ import numpy as np
 import torch
 
 from custom.core.distributed import rank_and_world_size
+from custom.core.errors import DataError, DatasetNotFound
 from custom.core.io import atomic_path
 from custom.core.labels import LabelScheme, detect_label_scheme, get_scheme, scheme_for_et_label
 from custom.core.naming import nifti_stem
@@ -31,7 +36,11 @@ from custom.evaluation.metrics import (
     summarize,
 )
 
-__all__ = ["CSV_COLUMNS", "csv_columns", "evaluate_folder", "evaluate_entries"]
+__all__ = ["CSV_COLUMNS", "csv_columns", "evaluate_folder", "evaluate_entries", "EvaluationFailed"]
+
+
+class EvaluationFailed(DataError, RuntimeError):
+    """Cases that could not be evaluated (no prediction, a mismatch, invalid labels): the others are in the table."""
 
 
 def csv_columns(regions: Sequence[str] = REGIONS, lesion_wise: bool = False) -> list[str]:
@@ -130,23 +139,24 @@ def evaluate_folder(
     Every reference case is evaluated or reported: a missing prediction, a shape / spacing / orientation
     mismatch or invalid labels make that case a failure, the other cases are still evaluated. Writes
     ``output_csv`` (atomically) with ``csv_columns``: one row per evaluated case, then the summary rows
-    ``mean, std, median, 25quantile, 75quantile``; prints a one-line summary; then raises a ``RuntimeError``
-    listing the failed cases, if any. Returns the per-case rows followed by the summary rows.
+    ``mean, std, median, 25quantile, 75quantile``; prints a one-line summary; then raises ``EvaluationFailed`` (a
+    ``DataError`` and a ``RuntimeError``) listing the failed cases, if any. Returns the per-case rows followed by the
+    summary rows.
     """
     if hd95_mode not in HD95_MODES:
-        raise ValueError(f"hd95_mode must be one of {HD95_MODES}, got {hd95_mode!r}.")
+        raise DataError(f"hd95_mode must be one of {HD95_MODES}, got {hd95_mode!r}.")
     pred_path, ref_path = Path(pred_dir), Path(ref_dir)
     if not pred_path.is_dir():
-        raise FileNotFoundError(f"prediction folder {pred_path} does not exist.")
+        raise DatasetNotFound(f"prediction folder {pred_path} does not exist: check --pred_dir.")
     if not ref_path.is_dir():
-        raise FileNotFoundError(f"reference folder {ref_path} does not exist.")
+        raise DatasetNotFound(f"reference folder {ref_path} does not exist: check --ref_dir.")
 
     references, why_not_dataset = _dataset_references(ref_path)
     if not references:
         references = {case_id: (path, None) for case_id, path in _flat_references(ref_path).items()}
     if not references:
         detail = f" ({why_not_dataset})" if why_not_dataset else ""
-        raise FileNotFoundError(
+        raise DatasetNotFound(
             f"no reference label maps in {ref_path}: expected a BraTS dataset folder or <case_id>.nii.gz files{detail}."
         )
     pred_scheme, ref_schemes = _resolve_schemes(references, et_label, ref_et_label, label_scheme)
@@ -168,10 +178,10 @@ def evaluate_entries(
     validation cases); both use ``label_scheme`` (None: the scheme of ``et_label``). Same output, failure
     handling and return value as ``evaluate_folder``."""
     if hd95_mode not in HD95_MODES:
-        raise ValueError(f"hd95_mode must be one of {HD95_MODES}, got {hd95_mode!r}.")
+        raise DataError(f"hd95_mode must be one of {HD95_MODES}, got {hd95_mode!r}.")
     references = {str(e["case_id"]): (Path(e["label"]), et_label) for e in entries if e.get("label")}
     if not references:
-        raise ValueError("no labelled cases to evaluate: the entries have no `label` files.")
+        raise DataError("no labelled cases to evaluate: the entries have no `label` files.")
     scheme = get_scheme(label_scheme, et_label)
     return _evaluate_references(
         references, {c: scheme for c in references}, scheme, Path(pred_dir), Path(output_csv), hd95_mode, lesion_wise
@@ -185,7 +195,7 @@ def _as_bool(value) -> bool:
             return True
         if value.strip().lower() in ("0", "false", "no", "off", ""):
             return False
-        raise ValueError(f"expected true or false, got {value!r}")
+        raise DataError(f"expected true or false, got {value!r}")
     return bool(value)
 
 
@@ -276,7 +286,7 @@ def _evaluate_references(
     table = rows + summarize(rows, columns)
     if rank > 0:  # rank 0 writes and reports for all
         if failures:
-            raise RuntimeError(f"{len(failures)} case(s) could not be evaluated (see rank 0's report)")
+            raise EvaluationFailed(f"{len(failures)} case(s) could not be evaluated (see rank 0's report)")
         return table
 
     extra = sorted(set(predictions) - set(references))
@@ -284,13 +294,13 @@ def _evaluate_references(
         print(f"note: {len(extra)} prediction(s) without a reference, not evaluated: {', '.join(extra)}")
 
     _write_csv_atomic(table, output_csv, columns)
+    failed = f"{len(failures)} failed" + (f" ({', '.join(f.split(':', 1)[0] for f in failures)})" if failures else "")
     if rows:
         mean = table[len(rows)]
         means = ", ".join(f"{r.upper()} {mean[f'dice_{r}']:.4f}" for r in regions)
-        print(f"{len(rows)} case(s) evaluated, mean Dice {means}; {len(failures)} failed; written to {output_csv}")
+        print(f"{len(rows)} case(s) evaluated, mean Dice {means}; {failed}; written to {output_csv}", flush=True)
     else:
-        print(f"0 cases evaluated; {len(failures)} failed; written to {output_csv}")
-    if failures:
-        print("failed cases:\n  " + "\n  ".join(failures))
-        raise RuntimeError(f"{len(failures)} case(s) could not be evaluated:\n  " + "\n  ".join(failures))
+        print(f"0 cases evaluated; {failed}; written to {output_csv}", flush=True)
+    if failures:  # the command line prints this message once, without a traceback (a DataError)
+        raise EvaluationFailed(f"{len(failures)} case(s) could not be evaluated:\n  " + "\n  ".join(failures))
     return table

@@ -4,14 +4,22 @@
 from inference.json). For every case it
 
 1. reports a case that dataset discovery found incomplete, and checks the headers (shapes, finite affines);
-2. skips it when its output already exists, reads whole and was written with the same settings (a fingerprint of
-   checkpoints, flips, thresholds ... in the NIfTI header's ``descrip``; ``overwrite`` redoes it), so a killed run is
-   resumed by running it again, and a retrained model never keeps stale outputs;
+2. skips it when its output already exists, reads whole and was written from the same inputs with the same settings
+   (a fingerprint in the NIfTI header's ``descrip``, see ``_run_fingerprint`` and ``_case_fingerprint``:
+   checkpoints, ensemble, flips, pre- and postprocessing settings, the files written, and each input file's size,
+   modification time and header; ``overwrite`` redoes it), so a killed run is resumed by running it again, and a
+   retrained model, a changed setting or a replaced input never keeps stale outputs;
 3. loads it through ``preprocessing``, whose ``CheckSequencesd`` runs the pre-flight's data checks (NaN/Inf, blank or
    constant sequences, empty brain) on what was loaded; an error fails the case, a warning is carried along;
 4. segments and writes it, then flags it (``QualityCheck``) when the prediction is empty although the brain is not,
    or when the whole tumor covers more than ``max_tumor_fraction`` of the brain; flagged cases are written;
 5. records its tumor volumes in ``<output_dir>/volumes.csv`` (rewritten atomically after every case).
+
+The run holds the lock of ``output_dir`` (``custom.core.lock.lock_output_dir``, rank 0 under torchrun) from before
+the weights load to its end, so a second run into the same folder ends at once with ``OutputDirLocked`` and cannot
+mix its results with the first's; taking the lock checks that the folder is writable and removes the temporary
+files of killed saves. A ``volumes.csv`` that is not this bundle's (no ``case_id`` column, unreadable) is moved to
+``volumes.csv.bak`` with one warning and started anew.
 
 A failing case never stops the others. The run ends with a summary that lists written, skipped, failed and flagged
 cases one line each, and a non-zero exit (``DataError``: no traceback) when a case failed.
@@ -27,10 +35,12 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import enum
 import hashlib
 import json
 import logging
 import os
+import types
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -44,6 +54,7 @@ from custom.core.distributed import rank_and_world_size
 from custom.core.errors import DataError
 from custom.core.io import atomic_path
 from custom.core.labels import LabelScheme, get_scheme
+from custom.core.lock import is_locked_here, lock_output_dir, release_output_dir
 from custom.core.naming import case_id_from_path
 from custom.data.validation import check_headers
 
@@ -64,13 +75,22 @@ VOLUMES_CSV = "volumes.csv"
 @dataclass
 class QualityCheck:
     """Flags suspicious predictions (a warning, not a failure): empty although the brain is not, or a whole tumor
-    larger than ``max_tumor_fraction`` of the brain (the largest gliomas of BraTS cover well under half of it)."""
+    larger than ``max_tumor_fraction`` of the brain (the largest gliomas of BraTS cover well under half of it).
+
+    With ``brain_mask`` (voxels non-zero in any sequence, the label map's shape) the fraction counts only the tumor
+    voxels inside the brain, so it is a fraction of the brain (at most 100%); without it, every tumor voxel."""
 
     max_tumor_fraction: float = 0.5
     flag_empty: bool = True
 
-    def __call__(self, labels: np.ndarray, brain_voxels: int) -> list[str]:
-        tumor = int(np.count_nonzero(labels))
+    def __call__(self, labels: np.ndarray, brain_voxels: int, brain_mask: np.ndarray | None = None) -> list[str]:
+        labels = np.asarray(labels)
+        if brain_mask is not None:
+            brain_mask = np.asarray(brain_mask, dtype=bool).reshape(labels.shape)
+            brain_voxels = int(np.count_nonzero(brain_mask))
+            tumor = int(np.count_nonzero(labels[brain_mask]))
+        else:
+            tumor = int(np.count_nonzero(labels))
         flags = []
         if self.flag_empty and tumor == 0 and brain_voxels > 0:
             flags.append(f"empty prediction although the brain has {brain_voxels} voxels")
@@ -198,13 +218,113 @@ def _fingerprint(settings: Mapping | None) -> str:
     return hashlib.sha256(json.dumps(expand(dict(settings or {})), sort_keys=True).encode()).hexdigest()[:16]
 
 
-PROVENANCE_PREFIX = "brats_cascaded_unet settings "
+_SIMPLE = (bool, int, float, str, type(None))
+_NOT_SETTINGS = {"output_dir"}  # attributes of components that do not change what is written
 
 
-def _kept_output(path: str, fingerprint: str) -> bool:
+def _component_settings(obj, depth: int = 0):
+    """The settings of a pipeline component as plain values, the same in every process for the same config: the
+    public attributes of MONAI's and this bundle's transforms, inferers and writers (nested ones too), plain values
+    as they are, functions and other objects by their type name."""
+    if isinstance(obj, enum.Enum):
+        return str(obj.value)
+    if isinstance(obj, _SIMPLE):
+        return obj if not isinstance(obj, str) or " at 0x" not in obj else "<object>"
+    if isinstance(obj, (list, tuple)):
+        return [_component_settings(v, depth) for v in obj]
+    if isinstance(obj, (set, frozenset)):
+        return sorted(str(_component_settings(v, depth)) for v in obj)
+    if isinstance(obj, Mapping):
+        return {str(k): _component_settings(v, depth) for k, v in sorted(obj.items(), key=lambda kv: str(kv[0]))}
+    kind = f"{type(obj).__module__}.{type(obj).__qualname__}"
+    if isinstance(obj, (types.FunctionType, types.BuiltinFunctionType, types.MethodType)):
+        return f"{getattr(obj, '__module__', '')}.{getattr(obj, '__qualname__', type(obj).__name__)}"
+    if isinstance(obj, type):
+        return f"{obj.__module__}.{obj.__qualname__}"
+    if isinstance(obj, (torch.dtype, np.dtype, torch.device)):
+        return str(obj)
+    ours = kind.startswith(("monai.", "custom.")) and not isinstance(obj, torch.nn.Module)
+    if not ours or depth > 4 or not hasattr(obj, "__dict__"):
+        text = repr(obj)
+        return text if " at 0x" not in text and len(text) < 200 else kind
+    state = {
+        name: _component_settings(value, depth + 1)
+        for name, value in sorted(vars(obj).items())
+        if not name.startswith("_") and name not in _NOT_SETTINGS
+    }
+    return {"type": kind, **state}
+
+
+def _file_state(path: str) -> list:
+    """Name, size and modification time (ns) of a file: a replaced or retrained file of the same name counts as new."""
+    stat = os.stat(path)
+    return [os.path.basename(path), stat.st_size, stat.st_mtime_ns]
+
+
+def _network_settings(network) -> object:
+    """The checkpoints an ensemble actually loaded (each file's size and time) and its plan of flips, or the type of
+    any other network."""
+    if getattr(network, "loaded", False) and getattr(network, "paths", None):
+        return {
+            "members": [_file_state(p) for p in network.paths],
+            "flips": _component_settings(getattr(network, "member_flips", [])),
+            "passes": int(getattr(network, "n_passes", 0)),
+        }
+    return f"{type(network).__module__}.{type(network).__qualname__}"
+
+
+def _run_fingerprint(
+    settings: Mapping | None,
+    preprocessing=None,
+    network=None,
+    inferer=None,
+    postprocessing=None,
+    writer=None,
+    amp: bool = False,
+    device: torch.device | None = None,
+) -> str:
+    """Hash of everything of a run that shapes an output or the set of files written: ``settings`` (the config's
+    checkpoints, ensemble, flips, thresholds, label scheme, network_def; see ``_fingerprint``), the checkpoints the
+    network loaded, and the settings of preprocessing (``crop_margin`` ...), inferer, postprocessing and writer
+    (``save_probabilities`` ...), and bfloat16 autocast on CUDA."""
+    parts = {
+        "settings": _fingerprint(settings),
+        "network": _network_settings(network),
+        "pipeline": [_component_settings(part) for part in (preprocessing, inferer, postprocessing, writer)],
+        "amp": bool(amp and device is not None and torch.device(device).type == "cuda"),
+    }
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _case_fingerprint(run_fingerprint: str, item: Mapping) -> str | None:
+    """Hash of the run's fingerprint and the case's input files (each one's size, modification time and a hash of
+    its NIfTI header); None when a file cannot be read (the case is then redone, and fails with the reason)."""
+    images = item.get("image") or []
+    images = [images] if isinstance(images, (str, os.PathLike)) else list(images)
+    try:
+        inputs = [
+            _file_state(str(p)) + [hashlib.sha256(nib.load(str(p)).header.binaryblock).hexdigest()[:16]] for p in images
+        ]
+    except Exception:  # noqa: BLE001 - a missing or unreadable input: never keep an output for it
+        return None
+    return hashlib.sha256(json.dumps([run_fingerprint, inputs]).encode()).hexdigest()[:16]
+
+
+PROVENANCE_PREFIX = "brats_cascaded_unet settings "  # + 16 hex digits: 45 of the 80 bytes of the NIfTI descrip
+
+
+def _probabilities_path(writer, case_id: str) -> str | None:
+    """The probabilities file the writer writes for ``case_id``, or None when it writes none."""
+    if not getattr(writer, "save_probabilities", False):
+        return None
+    return os.path.join(_output_dir(writer), f"{case_id}_probabilities.nii.gz")
+
+
+def _kept_output(path: str, fingerprint: str | None, also: Sequence[str | None] = ()) -> bool:
     """True when ``path`` exists, reads whole, and was written with the settings of ``fingerprint`` (recorded in
-    its NIfTI header's ``descrip`` by the writer: the output carries its own provenance, atomically)."""
-    if not os.path.isfile(path):
+    its NIfTI header's ``descrip`` by the writer: the output carries its own provenance, atomically), and every
+    file of ``also`` (the case's other outputs) exists."""
+    if not fingerprint or not os.path.isfile(path) or not all(os.path.isfile(p) for p in also if p):
         return False
     try:
         image = nib.load(path)
@@ -221,14 +341,34 @@ def _output_dir(writer) -> str:
 
 
 class _VolumesTable:
-    """``volumes.csv``: one row per case, merged with the rows of earlier runs, rewritten atomically."""
+    """``volumes.csv``: one row per case, merged with the rows of earlier runs, rewritten atomically. A file that is
+    not such a table (no ``case_id`` column, not text) is moved to ``volumes.csv.bak`` (``.bak.2`` ... when that
+    exists) with one warning, and a new table is started."""
 
     def __init__(self, path: str | None) -> None:
         self.path = path
         self.rows: dict[str, dict] = {}
         if path and os.path.isfile(path):
-            with open(path, newline="") as f:
-                self.rows = {row["case_id"]: row for row in csv.DictReader(f)}
+            try:
+                with open(path, newline="") as f:
+                    reader = csv.DictReader(f)
+                    problem = None if "case_id" in (reader.fieldnames or []) else "has no case_id column"
+                    if problem is None:
+                        self.rows = {row["case_id"]: row for row in reader if row.get("case_id")}
+            except (UnicodeDecodeError, csv.Error) as e:
+                problem = f"cannot be read as a table ({type(e).__name__}: {e})"
+            if problem:
+                self.rows = {}
+                backup = f"{path}.bak"
+                number = 1
+                while os.path.exists(backup):
+                    number += 1
+                    backup = f"{path}.bak.{number}"
+                os.replace(path, backup)
+                logger.warning(
+                    f"{path} {problem}, so it is not a volumes table of this bundle: moved it to {backup} and "
+                    "started a new one"
+                )
 
     def update(self, results: Sequence[CaseResult]) -> None:
         if not self.path:
@@ -262,7 +402,7 @@ def _segment_one(
     quality_check,
     et_label: int,
     rc_label: int | None,
-    fingerprint: str,
+    fingerprint: str | None,
 ) -> CaseResult:
     if item.get("error"):
         raise ValueError(item["error"])
@@ -278,15 +418,66 @@ def _segment_one(
     with torch.inference_mode(), autocast:
         probabilities = inferer(image, network)[0].float().cpu()
     sample["pred"] = MetaTensor(probabilities, meta=sample["image"].meta)
+    brain = _brain_mask(sample, preprocessing) if quality_check is not None else None
     sample = postprocessing(sample)
-    path = writer({**sample, "case_id": case_id, "provenance": PROVENANCE_PREFIX + fingerprint})
+    provenance = PROVENANCE_PREFIX + fingerprint if fingerprint else None
+    path = writer({**sample, "case_id": case_id, "provenance": provenance})
     labels = np.asarray(sample["pred"]).reshape(np.asarray(sample["pred"]).shape[-3:])
     brain_voxels = int(sample.get("brain_voxels", 0))
-    flags = warnings + (quality_check(labels, brain_voxels) if quality_check is not None else [])
+    if brain is not None and brain.size != labels.size:
+        brain = None  # a pipeline whose inverse does not give the input's grid: count every tumor voxel
+    flags = warnings + (quality_check(labels, brain_voxels, brain) if quality_check is not None else [])
     spacing = nib.load(_first(item["image"])).header.get_zooms()[:3]
     volumes = label_volumes(labels, spacing, et_label, rc_label)
     volumes["brain_ml"] = round(brain_voxels * float(np.prod(spacing)) / 1000.0, 4)
     return CaseResult(case_id, "written", path, flags, volumes)
+
+
+def _brain_mask(sample: Mapping, preprocessing) -> np.ndarray | None:
+    """The brain (non-zero in any sequence) of a preprocessed case, on the input's grid: the ``brain_mask`` of the
+    sample when preprocessing made one, else the mask of the preprocessed image mapped back through the inverse of
+    ``preprocessing``, as the postprocessing maps the prediction back (normalisation keeps the zeros outside the
+    brain, ``nonzero``); None when the inverse is not possible."""
+    from monai.transforms import Invertd
+
+    given = sample.get("brain_mask")  # custom.data.transforms.BrainMaskd's, on the input's grid already
+    if given is not None:
+        given = np.asarray(given)
+        return given.reshape(given.shape[-3:]) > 0
+    image = sample["image"]
+    try:
+        mask = MetaTensor((image != 0).any(0, keepdim=True).float(), meta=image.meta)
+        mask.applied_operations = list(image.applied_operations)
+        inverted = Invertd("brain", preprocessing, orig_keys="image", nearest_interp=True)(
+            {"brain": mask, "image": image}
+        )["brain"]
+        return np.asarray(inverted).reshape(np.asarray(inverted).shape[-3:]) > 0.5
+    except Exception:  # noqa: BLE001 - the quality check then counts every tumor voxel
+        return None
+
+
+def _lock_for_run(output_dir: str) -> bool:
+    """Takes the lock of ``output_dir`` for this run on rank 0 and returns whether this call took it (False when it
+    was held already, e.g. by evaluate.json, or on other ranks). Under torchrun every rank learns rank 0's outcome,
+    so when the folder is locked or not writable every rank ends with the same message instead of waiting."""
+    if not output_dir:
+        return False
+    rank, world_size = rank_and_world_size()
+    held = is_locked_here(output_dir)
+    problem: DataError | None = None
+    if rank == 0 and not held:
+        try:
+            lock_output_dir(output_dir, rank=0)
+        except DataError as e:
+            problem = e
+    if world_size > 1:
+        outcomes: list = [None] * world_size
+        torch.distributed.all_gather_object(outcomes, str(problem) if problem else None)
+        if rank != 0 and outcomes[0]:
+            raise DataError(outcomes[0])
+    if problem is not None:
+        raise problem
+    return rank == 0 and not held
 
 
 def segment_cases(
@@ -315,14 +506,30 @@ def segment_cases(
     case ends the run with a non-zero exit after all the others are written; without it (evaluation) failures
     are only reported, and evaluation then reports the cases it finds no prediction for.
     """
-    from tqdm import tqdm
-
     if not data:
         raise DataError("no cases to segment: --dataset_dir is missing, empty or holds no BraTS case.")
-    device = torch.device(device)
-    rank, world_size = rank_and_world_size()
     output_dir = _output_dir(writer)
-    fingerprint = _fingerprint(settings)
+    took_lock = _lock_for_run(output_dir)
+    try:
+        return _segment_cases(
+            data, preprocessing, network, inferer, postprocessing, writer, torch.device(device), amp, progress,
+            raise_on_failure, overwrite, quality_check, settings, et_label, rc_label, volumes_csv, output_dir,
+        )  # fmt: skip
+    finally:
+        if took_lock:
+            release_output_dir(output_dir)
+
+
+def _segment_cases(
+    data, preprocessing, network, inferer, postprocessing, writer, device, amp, progress, raise_on_failure,
+    overwrite, quality_check, settings, et_label, rc_label, volumes_csv, output_dir,
+) -> SegmentationSummary:  # fmt: skip
+    from tqdm import tqdm
+
+    rank, world_size = rank_and_world_size()
+    if hasattr(network, "load"):  # an ensemble not loaded yet: its checkpoints are part of the fingerprint
+        network.load()
+    run_fingerprint = _run_fingerprint(settings, preprocessing, network, inferer, postprocessing, writer, amp, device)
     if volumes_csv == "":
         volumes_csv = os.path.join(output_dir, VOLUMES_CSV) if output_dir else None
 
@@ -336,7 +543,9 @@ def segment_cases(
             item = data[i]
             case_id = str(item.get("case_id") or case_id_from_path(_first(item["image"])))
             existing = os.path.join(output_dir, f"{case_id}.nii.gz") if output_dir else ""
-            if not overwrite and existing and _kept_output(existing, fingerprint):
+            fingerprint = _case_fingerprint(run_fingerprint, item)
+            also = [_probabilities_path(writer, case_id)]
+            if not overwrite and existing and _kept_output(existing, fingerprint, also):
                 results.append(CaseResult(case_id, "skipped", existing))
                 continue
             try:
@@ -417,15 +626,21 @@ class Segmenter:
         return _output_dir(self.writer)
 
     def run(self) -> SegmentationSummary:
-        if hasattr(self.network, "load"):  # the ensemble's weights load when the run starts, not at config parsing
-            self.network.load()
-        scheme = get_scheme(self.labels)
-        return segment_cases(
-            self.data, self.preprocessing, self.network, self.inferer, self.postprocessing, self.writer, self.device,
-            amp=self.amp, raise_on_failure=self.raise_on_failure, overwrite=self.overwrite,
-            quality_check=self.quality_check, settings=self.settings, et_label=scheme.et_label,
-            rc_label=scheme.rc_label,
-        )  # fmt: skip
+        """Takes the output folder's lock (before any weight is read), loads the weights, segments the cases."""
+        took_lock = _lock_for_run(self.output_dir) if self.data else False  # no cases: segment_cases says so
+        try:
+            if hasattr(self.network, "load"):  # the ensemble's weights load when the run starts, not at parsing
+                self.network.load()
+            scheme = get_scheme(self.labels)
+            return segment_cases(
+                self.data, self.preprocessing, self.network, self.inferer, self.postprocessing, self.writer,
+                self.device, amp=self.amp, raise_on_failure=self.raise_on_failure, overwrite=self.overwrite,
+                quality_check=self.quality_check, settings=self.settings, et_label=scheme.et_label,
+                rc_label=scheme.rc_label,
+            )  # fmt: skip
+        finally:
+            if took_lock:
+                release_output_dir(self.output_dir)
 
 
 def load_segmenter(config_file: str, overrides: Mapping) -> Segmenter:

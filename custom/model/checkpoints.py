@@ -5,10 +5,18 @@ and ``model.pt``. A run that starts fresh (``resume`` false, or nothing to resum
 files into ``models/previous_runs/<run id>/`` (nothing is deleted), so pruning, resume and snapshot ensembles of
 the folder only ever see one run. Every snapshot records its run id; a resumed run keeps it. Snapshots hold only
 tensors and plain Python values, so they load with ``torch.load(..., weights_only=True)`` everywhere.
+
+Every file ``atomic_save`` writes (snapshots, ``model.pt``) carries a SHA-256 checksum of its bytes in the comment
+field at the end of its zip archive (``torch.save``'s format; ``torch.load`` and every other reader ignore the
+comment, so the content stays a plain checkpoint). ``load_state_dict`` and the resume check it before loading: a
+file whose bytes changed (bit rot, a bad copy) is refused with an error naming it, as a truncated file is, and the
+resume falls back to the snapshot before it. Files without a checksum (older versions, ``torch.save``) load with a
+log line saying they were not verified.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import random
@@ -26,6 +34,7 @@ from custom.core.io import atomic_path
 
 __all__ = [
     "atomic_save",
+    "verify_checksum",
     "load_state_dict",
     "list_snapshots",
     "latest_snapshot",
@@ -42,13 +51,86 @@ BEST_MODEL = "model.pt"  # BestModelSaver's file, part of a run
 PREVIOUS_RUNS = "previous_runs"  # where a fresh run moves the files of the run before it
 
 
+CHECKSUM_TAG = b"brats_cascaded_unet sha256 "  # the zip comment: this tag and 64 hex digits
+_CHECKSUM_LENGTH = len(CHECKSUM_TAG) + 64
+_END_RECORD = b"PK\x05\x06"  # the zip archive's end-of-central-directory record: 22 bytes and the comment
+_CHUNK = 1 << 22
+
+
+def _sha256(f, length: int) -> str:
+    """SHA-256 of the first ``length`` bytes of the open file ``f``."""
+    digest, done = hashlib.sha256(), 0
+    f.seek(0)
+    while done < length:
+        block = f.read(min(_CHUNK, length - done))
+        if not block:
+            break
+        digest.update(block)
+        done += len(block)
+    return digest.hexdigest()
+
+
+def _add_checksum(path: str) -> None:
+    """Writes the SHA-256 of the zip archive ``path`` (up to its comment length field) as its comment."""
+    with open(path, "r+b") as f:
+        size = f.seek(0, os.SEEK_END)
+        f.seek(size - 22)
+        end = f.read(22)
+        if size < 22 or end[:4] != _END_RECORD or end[20:22] != b"\0\0":
+            raise RuntimeError(f"{path} is no zip archive without comment: torch.save wrote an unexpected format")
+        checksum = _sha256(f, size - 2)
+        f.seek(size - 2)
+        f.write(_CHECKSUM_LENGTH.to_bytes(2, "little") + CHECKSUM_TAG + checksum.encode())
+
+
+def verify_checksum(path: str) -> bool:
+    """True when ``path`` carries a checksum (see the module docstring) that matches its bytes, False when it carries
+    none (saved by an older version or by ``torch.save``); ``RuntimeError`` naming the file when it does not match."""
+    with open(path, "rb") as f:
+        size = f.seek(0, os.SEEK_END)
+        start = size - _CHECKSUM_LENGTH - 22
+        if start < 0:
+            return False
+        f.seek(start)
+        end = f.read(22 + _CHECKSUM_LENGTH)
+        if (
+            end[:4] != _END_RECORD
+            or int.from_bytes(end[20:22], "little") != _CHECKSUM_LENGTH
+            or not end[22:].startswith(CHECKSUM_TAG)
+        ):
+            return False
+        stored = end[22 + len(CHECKSUM_TAG) :].decode(errors="replace")
+        if _sha256(f, start + 20) != stored:
+            raise RuntimeError(
+                f"{path}: its checksum does not match its content (its bytes changed on disk or in a copy since "
+                "it was saved); use another copy of it, or remove it"
+            )
+    return True
+
+
 def atomic_save(obj: object, path: str) -> str:
-    """``torch.save`` to a temporary file in the target folder, then ``os.replace``: a crash never leaves a partial file."""
-    with atomic_path(path) as tmp_path, open(tmp_path, "wb") as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
+    """``torch.save`` to a temporary file in the target folder, a checksum of it in the file (see the module
+    docstring), fsync, then ``os.replace`` (``atomic_path``): a crash never leaves a partial file, and a file changed
+    later is detected."""
+    with atomic_path(path) as tmp_path:
+        with open(tmp_path, "wb") as f:
+            torch.save(obj, f)
+        _add_checksum(tmp_path)
     return path
+
+
+def _checked(path: str, what: str) -> bool:
+    """``verify_checksum`` with the caller's wording: ``RuntimeError`` "<what> <path> cannot be loaded: ..."."""
+    try:
+        return verify_checksum(path)
+    except RuntimeError as e:
+        raise RuntimeError(f"{what} {path} cannot be loaded: {str(e)[len(path) + 2:]}") from None
+    except OSError:
+        return True  # unreadable: torch.load says why
+
+
+def _unverified(path: str, what: str) -> None:
+    logger.info(f"{what} {path} has no checksum (saved by an older version or by torch.save): loaded unverified")
 
 
 def list_snapshots(ckpt_dir: str) -> list[tuple[int, str]]:
@@ -72,18 +154,22 @@ def latest_snapshot(ckpt_dir: str) -> str | None:
 def load_state_dict(path: str, map_location: str | torch.device = "cpu") -> dict:
     """The network weights of a checkpoint file: a plain state dict or a training snapshot's ``"model"`` entry.
 
-    Loads with ``weights_only=True``; errors name the file and say what to do.
+    Checks the file's checksum (when it has one) and loads with ``weights_only=True``; errors name the file and say
+    what to do.
     """
     if not os.path.isfile(path):
         raise FileNotFoundError(
             f"checkpoint {path} does not exist: train first or set `checkpoints` to existing files."
         )
+    verified = _checked(path, "checkpoint")
     try:
         content = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # unpickling errors, truncated files
         raise RuntimeError(
             f"checkpoint {path} could not be loaded ({type(e).__name__}: {e}); is it a complete .pt file?"
         ) from e
+    if not verified:
+        _unverified(path, "checkpoint")
     if isinstance(content, Mapping) and "model" in content and isinstance(content["model"], Mapping):
         content = content["model"]
     if not isinstance(content, Mapping) or not all(isinstance(v, torch.Tensor) for v in content.values()):
@@ -130,11 +216,15 @@ def _new_run_id() -> str:
 
 def _read_snapshot(path: str, map_location: str | torch.device = "cpu") -> dict:
     """A training snapshot loaded with ``weights_only=True``; ``RuntimeError`` naming the file when it is truncated,
-    unreadable, holds anything but tensors and plain values (a planted pickle), or is no training snapshot."""
+    unreadable, fails its checksum, holds anything but tensors and plain values (a planted pickle), or is no training
+    snapshot."""
+    verified = _checked(path, "snapshot")
     try:
         content = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # truncated zip, unpickling refused, I/O error
         raise RuntimeError(f"snapshot {path} cannot be loaded with weights_only=True ({type(e).__name__}: {e})") from e
+    if not verified:
+        _unverified(path, "snapshot")
     if not isinstance(content, Mapping) or not {"model", "trainer"} <= set(content):
         raise RuntimeError(f"snapshot {path} is no training snapshot (no 'model' and 'trainer' entries)")
     return dict(content)
