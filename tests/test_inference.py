@@ -9,10 +9,11 @@ import torch
 from conftest import CONFIG_DIR, NARROW_NETWORK
 from ignite.engine import Engine, Events
 from monai.bundle import ConfigWorkflow
+from monai.data import MetaTensor
 
 from custom.data.synthetic import synthesize
 from custom.inference.ensemble import SnapshotFlipEnsemble, plan_passes
-from custom.inference.inferer import FLIP_DIMS, FlipTTAInferer
+from custom.inference.inferer import FLIP_DIMS, BratsPredictionWriter, FlipTTAInferer, RestrictToBraind
 from custom.model.checkpoints import EpochSnapshotSaver
 from custom.model.network import CascadedUNet
 
@@ -260,7 +261,7 @@ def test_inference_config_on_the_real_case(real_case, tmp_path):
     assert ("truncated: EOFError" if t1c.name.endswith(".gz") else "truncated: ") in message  # a cut .nii.gz
     assert "incomplete: ValueError: missing flair" in message
     assert case_id not in message
-    written = sorted(p.name for p in (tmp_path / "out").iterdir())
+    written = sorted(p.name for p in (tmp_path / "out").iterdir() if p.name != ".lock")  # the run's output lock
     assert written == [f"{case_id}.nii.gz", "volumes.csv"]  # no partial file of a failed case either
 
     prediction = nib.load(tmp_path / "out" / f"{case_id}.nii.gz")
@@ -276,3 +277,33 @@ def test_inference_config_on_the_real_case(real_case, tmp_path):
     rows = np.flatnonzero(np.any(np.asarray(source.dataobj) != 0, axis=(1, 2)))
     assert labels.any()
     assert not labels[: max(rows[0] - 16, 0)].any() and not labels[rows[-1] + 17 :].any()
+    # and no label outside the brain: the voxels that are zero in every sequence
+    brain = np.any([np.asarray(nib.load(path).dataobj) != 0 for path in real_case.images], axis=0)
+    assert not labels[~brain].any() and labels[brain].any()
+
+
+def test_no_label_outside_the_brain_and_no_output_off_the_input_grid(tmp_path):
+    brain = torch.zeros(1, 4, 4, 4, dtype=torch.bool)
+    brain[0, 1:3, 1:3, 1:3] = True
+    labels = torch.full((1, 4, 4, 4), 2, dtype=torch.uint8)
+    probabilities = torch.full((3, 4, 4, 4), 0.9)
+    out = RestrictToBraind(["pred", "probabilities"])(
+        {"pred": labels, "probabilities": probabilities, "brain_mask": brain}
+    )
+    assert out["pred"].dtype == torch.uint8 and out["pred"].sum() == 2 * 8 and not out["pred"][~brain].any()
+    assert torch.equal(out["probabilities"] > 0, brain.expand(3, -1, -1, -1))
+    with pytest.raises(ValueError, match="back to the input grid"):
+        RestrictToBraind("pred")({"pred": labels[:, :2], "brain_mask": brain})
+    with pytest.raises(KeyError, match="BrainMaskd"):
+        RestrictToBraind("pred")({"pred": labels})
+    # the writer refuses a prediction whose affine is not the input's (it would be written misplaced)
+    affine = np.diag([-1.0, -1.0, 1.0, 1.0])
+    source = str(tmp_path / "t1.nii.gz")
+    nib.Nifti1Image(np.ones((4, 4, 4), np.float32), affine).to_filename(source)
+    writer = BratsPredictionWriter(str(tmp_path))
+    shifted = affine.copy()
+    shifted[0, 3] = 2.0
+    with pytest.raises(RuntimeError, match="affine.*Invertd"):
+        writer({"case_id": "c", "source": [source], "pred": MetaTensor(labels, affine=torch.as_tensor(shifted))})
+    path = writer({"case_id": "c", "source": [source], "pred": MetaTensor(labels, affine=torch.as_tensor(affine))})
+    assert np.array_equal(nib.load(path).affine, affine)

@@ -2,10 +2,11 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
+from monai.data import MetaTensor
 from monai.transforms import ConvertToMultiChannelBasedOnBratsClasses, LoadImaged
 
 from custom.core.labels import regions_to_labels
-from custom.data.transforms import EnsureSequenceChannelsd
+from custom.data.transforms import BrainMaskd, CanonicalGeometryd, EnsureSequenceChannelsd
 
 
 @pytest.mark.parametrize("et_label", [4, 3])
@@ -59,3 +60,54 @@ def test_sequence_channels_from_files_and_4d_layouts(tmp_path):
         ensure(loader({"image": three}))
     with pytest.raises(ValueError, match="expected 4 sequences"):
         ensure(loader({"image": files[:3]}))
+
+
+def _image(array, affine):
+    return MetaTensor(torch.as_tensor(array, dtype=torch.float32), affine=torch.as_tensor(affine, dtype=torch.float64))
+
+
+def test_canonical_geometry_skips_a_case_already_on_the_grid_and_inverts_what_it_did():
+    torch.manual_seed(0)
+    volume = torch.rand(2, 6, 5, 4) + 1
+    brats = np.diag([-1.0, -1.0, 1.0, 1.0])
+    geometry = CanonicalGeometryd("image")  # LPS, 1 mm, tolerance 0.01 mm
+    for affine in (brats, np.diag([-1.004, -0.996, 1.0, 1.0])):  # within the tolerance: not resampled
+        image = _image(volume, affine)
+        out = geometry({"image": image})["image"]
+        assert torch.equal(out.as_tensor(), volume) and np.allclose(out.affine, affine)
+        assert out.applied_operations[-1]["extra_info"]["applied"] == ["orientation"]
+        assert "SpatialResample" not in [op["class"] for op in out.applied_operations]
+    # another orientation and voxel size: reoriented exactly, then resampled; the inverse gives back the grid
+    ras = np.diag([2.0, 1.0, 1.0, 1.0])
+    out = geometry({"image": _image(volume, ras)})["image"]
+    assert out.applied_operations[-1]["extra_info"] == {
+        "applied": ["orientation", "spacing"],
+        "stored_spacing": [2, 1, 1],
+    }
+    assert nib.aff2axcodes(out.affine.numpy()) == ("L", "P", "S") and np.allclose(out.pixdim, 1)
+    assert out.shape[1:] == (11, 5, 4) and out.is_contiguous()
+    back = geometry.inverse({"image": out})["image"]
+    assert back.shape == volume.shape and np.allclose(back.affine, ras) and not back.applied_operations
+    # null keys keep the stored geometry: nothing happens
+    keep = CanonicalGeometryd("image", orientation=None, pixdim=None)({"image": _image(volume, ras)})["image"]
+    assert torch.equal(keep.as_tensor(), volume) and keep.applied_operations[-1]["extra_info"]["applied"] == []
+    # an interpolated image keeps an exact zero background: the brain mask is resampled nearest
+    blob = torch.zeros(1, 8, 8, 8)
+    blob[0, 2:6, 2:6, 2:6] = 100.0
+    fine = CanonicalGeometryd("image", pixdim=0.5)({"image": _image(blob, brats)})["image"]
+    assert (fine == 0).sum() == fine.numel() - 8**3 and fine.max() == 100
+    with pytest.raises(ValueError, match="target_spacing"):
+        CanonicalGeometryd("image", pixdim=[1.0, 0.0, 1.0])
+    with pytest.raises(ValueError, match="orientation"):
+        CanonicalGeometryd("image", orientation="RA")
+    with pytest.raises(TypeError, match="MetaTensor"):
+        geometry({"image": volume})
+
+
+def test_brain_mask_is_the_union_of_the_non_zero_voxels_of_the_sequences():
+    image = torch.zeros(4, 3, 3, 3)
+    image[0, 0, 0, 0], image[3, 2, 2, 2], image[1, 1, 1, 1] = 5.0, -1.0, 0.5
+    affine = np.diag([-1.0, -1.0, 1.0, 1.0])
+    mask = BrainMaskd("image")({"image": _image(image, affine)})["brain_mask"]
+    assert mask.shape == (1, 3, 3, 3) and mask.dtype == torch.bool and np.allclose(mask.affine, affine)
+    assert mask.sum() == 3 and mask[0, 0, 0, 0] and mask[0, 2, 2, 2] and mask[0, 1, 1, 1]

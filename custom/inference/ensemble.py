@@ -46,6 +46,8 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 # The 8 flip combinations of the 3 spatial axes of a (B, C, H, W, D) tensor, identity first; ``tta=k`` uses the first k.
+# Inference flips the case on its canonical grid (``custom.data.transforms.CanonicalGeometryd``: one orientation, the
+# training voxel size), so flip i mirrors the same anatomical axes in every case, whatever its file's orientation.
 FLIP_DIMS: tuple[tuple[int, ...], ...] = ((), (2,), (3,), (4,), (2, 3), (2, 4), (3, 4), (2, 3, 4))
 ENSEMBLES = ("paper", "all", "best")
 _NO_WEIGHTS = "train first or pass --checkpoints (files, training output folders of snapshots, or globs)"

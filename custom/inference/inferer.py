@@ -26,6 +26,7 @@ __all__ = [
     "FlipTTAInferer",
     "inference_files",
     "RegionsToLabelsd",
+    "RestrictToBraind",
     "BratsPredictionWriter",
     "dataset_label_scheme",
 ]
@@ -121,6 +122,8 @@ class RegionsToLabelsd(MapTransform):
     """Dictionary wrapper of ``custom.core.labels.regions_to_labels``: TC, WT, ET (, RC) masks -> one BraTS label map
     ``(1, H, W, D)`` uint8 of ``label_scheme`` (None: the scheme of ``et_label``, default ET 4; ``et_label`` overrides the
     scheme's ET value as in ``custom.core.labels.get_scheme``). With ``brats2024``, RC outside the tumor is written 4.
+    inference.json runs it on the network's grid, before ``Invertd``: ``et_threshold`` counts voxels of the training
+    grid (``target_spacing``; 500 voxels are 0.5 ml at 1 mm), whatever the voxel size of the input files.
     """
 
     def __init__(
@@ -142,6 +145,35 @@ class RegionsToLabelsd(MapTransform):
         return d
 
 
+class RestrictToBraind(MapTransform):
+    """Writes no label outside the brain: sets ``keys`` (labels, probabilities) to 0 wherever the brain mask of
+    ``mask_key`` is 0. The mask is the union of the non-zero voxels of the input sequences on the input's own grid
+    (``custom.data.transforms.BrainMaskd`` right after loading), so this runs last, once ``Invertd`` has brought the
+    prediction back to that grid."""
+
+    def __init__(self, keys, mask_key: str = "brain_mask", allow_missing_keys: bool = False) -> None:
+        super().__init__(keys, allow_missing_keys)
+        self.mask_key = mask_key
+
+    def __call__(self, data: Mapping) -> dict:
+        d = dict(data)
+        if self.mask_key not in d:
+            raise KeyError(
+                f"RestrictToBraind: no `{self.mask_key}` in the case: the preprocessing must store the brain mask "
+                "with custom.data.transforms.BrainMaskd right after loading (inference.json's preprocessing does)."
+            )
+        mask = torch.as_tensor(d[self.mask_key]).bool()
+        for key in self.key_iterator(d):
+            value = d[key]
+            if tuple(value.shape[-3:]) != tuple(mask.shape[-3:]):
+                raise ValueError(
+                    f"RestrictToBraind: `{key}` has the spatial shape {tuple(value.shape[-3:])}, the input's brain mask "
+                    f"{tuple(mask.shape[-3:])}: bring `{key}` back to the input grid (Invertd) before this transform."
+                )
+            d[key] = value.masked_fill(~mask.to(value.device), 0)
+        return d
+
+
 def _atomic_nifti(image: nib.Nifti1Image, path: str) -> None:
     with atomic_path(path, suffix=".nii.gz") as tmp:
         nib.save(image, tmp)
@@ -150,7 +182,10 @@ def _atomic_nifti(image: nib.Nifti1Image, path: str) -> None:
 class BratsPredictionWriter:
     """Writes ``<output_dir>/<case_id>.nii.gz``: uint8 labels with the affine, shape and qform/sform codes of the
     case's first input file (BraTS submission format), atomically; optionally the averaged probabilities as
-    ``<case_id>_probabilities.nii.gz`` (float32, channels last: TC, WT, ET)."""
+    ``<case_id>_probabilities.nii.gz`` (float32, channels last: TC, WT, ET).
+
+    A prediction whose shape, or (for a MetaTensor) whose affine, is not the input's is refused: it was not brought
+    back to the input grid, and writing it with the input's header would misplace it."""
 
     def __init__(
         self, output_dir: str, save_probabilities: bool = False, probabilities_key: str = "probabilities"
@@ -171,6 +206,7 @@ class BratsPredictionWriter:
             raise RuntimeError(
                 f"{case_id}: prediction shape {labels.shape} differs from the input {source} {spatial_shape}."
             )
+        self._check_affine(case_id, source, data["pred"], reference.affine)
         path = os.path.join(self.output_dir, f"{case_id}.nii.gz")
         image = self._like(labels, reference)
         if data.get("provenance"):  # the settings that made it, so a rerun can tell whether to keep it
@@ -182,6 +218,18 @@ class BratsPredictionWriter:
                 self._like(probabilities, reference), os.path.join(self.output_dir, f"{case_id}_probabilities.nii.gz")
             )
         return path
+
+    @staticmethod
+    def _check_affine(case_id: str, source: str, prediction, affine: np.ndarray) -> None:
+        if not isinstance(prediction, MetaTensor):
+            return
+        predicted = np.asarray(prediction.affine, dtype=np.float64)
+        if predicted.shape != (4, 4) or not np.allclose(predicted, affine, rtol=0.0, atol=1e-3):
+            raise RuntimeError(
+                f"{case_id}: the prediction's affine {predicted.round(4).tolist()} is not the input's "
+                f"{np.round(affine, 4).tolist()} ({source}): the postprocessing must invert the preprocessing's "
+                "geometry (Invertd with the preprocessing) before the writer."
+            )
 
     @staticmethod
     def _like(array: np.ndarray, reference: nib.Nifti1Image) -> nib.Nifti1Image:
