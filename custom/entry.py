@@ -11,12 +11,14 @@ from custom.core.errors import clean_exit
 from custom.core.labels import get_scheme
 from custom.data import datalist, validation
 from custom.evaluation import folders
+from custom.inference import inferer
 from custom.inference.segment import SegmentationSummary, Segmenter
 
 __all__ = [
     "require_dataset",
     "dataset_datalist",
     "preflight_datalist",
+    "inference_files",
     "lock_output_dir",
     "release_output_dir",
     "segment",
@@ -25,6 +27,8 @@ __all__ = [
 
 require_dataset = clean_exit(datalist.require_dataset)
 preflight_datalist = clean_exit(validation.preflight_datalist)
+# inference.json's cases: a folder with no recognisable case or a datalist with an unusable case id, in one line
+inference_files = clean_exit(inferer.inference_files)
 
 
 @clean_exit

@@ -136,18 +136,21 @@ def test_flat_four_channel_folder(tmp_path, nifti_bytes, caplog):
     (tmp_path / "imagesTr" / "probs.nii.gz").write_bytes(nifti_bytes["4d_three.nii.gz"])  # not 4 channels
     (tmp_path / "imagesTr" / "._caseA.nii.gz").write_bytes(b"macOS resource fork")  # hidden: ignored
     (tmp_path / "labelsTr" / "other.nii.gz").write_bytes(nifti_bytes["3d.nii.gz"])  # no image: ignored
-    with caplog.at_level(logging.WARNING, logger="custom.data.datalist"):
-        cases = discover_cases(str(tmp_path))
+    with pytest.raises(ValueError, match=r"probs: probs.nii.gz has shape \(8, 8, 8, 3\): not 4 channels"):
+        discover_cases(str(tmp_path))  # reported, not skipped
+    incomplete: dict[str, str] = {}
+    cases = discover_cases(str(tmp_path), allow_incomplete=True, incomplete_cases=incomplete)
     assert [c.case_id for c in cases] == ["caseA", "caseB", "caseC"]
+    assert list(incomplete) == ["probs"]
     assert [len(c.images) for c in cases] == [1, 1, 1]
     assert Path(cases[0].images[0]) == tmp_path / "imagesTr" / "caseA.nii.gz"
     assert Path(cases[0].label) == tmp_path / "labelsTr" / "caseA.nii.gz"
     assert Path(cases[1].label) == tmp_path / "imagesTr" / "caseB_seg.nii.gz"
     assert cases[2].label is None
-    assert "probs.nii.gz" in caplog.text and "4 channels" in caplog.text
-    dl = make_datalist(str(tmp_path))
+    dl = make_datalist(str(tmp_path), allow_incomplete=True)
     assert [e["case_id"] for e in dl["training"]] == ["caseA", "caseB"]
     assert [e["case_id"] for e in dl["testing"]] == ["caseC"]
+    assert [(e["case_id"], Path(e["folder"]).name) for e in dl["incomplete"]] == [("probs", "probs.nii.gz")]
 
 
 def test_validation_set_without_labels(tmp_path, nifti_bytes):

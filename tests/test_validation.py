@@ -101,7 +101,11 @@ def test_mismatched_affine(tmp_path):
     p = only(validate_entries([entry], 4), entry["image"][2])
     assert "affine" in p.problem and "0.5" in p.problem
     tiny = np.eye(4)
-    tiny[0, 3] = 1e-5  # rounding noise is tolerated
+    tiny[0, 3] = 1e-5  # MONAI's LoadImaged refuses this (np.allclose: 1e-8 + 1e-5 x |0|), so the check does too
+    save(Path(entry["image"][2]), brain(seed=2), tiny)
+    assert "affine" in only(validate_entries([entry], 4), entry["image"][2]).problem
+    tiny = np.eye(4)
+    tiny[0, 0] = 1 + 5e-6  # float rounding the loader accepts (within 1e-8 + 1e-5 x |1|) is tolerated
     save(Path(entry["image"][2]), brain(seed=2), tiny)
     assert validate_entries([entry], 4) == []
 

@@ -6,6 +6,7 @@ scheme          labels (besides 0)          ET label   regions in network channe
 ``brats2018``   1 NCR/NET, 2 ED, 4 ET        4          TC {1, 4}, WT {1, 2, 4}, ET {4}
 ``brats2023``   1 NETC, 2 SNFH, 3 ET         3          TC {1, 3}, WT {1, 2, 3}, ET {3}
 ``brats2024``   1 NETC, 2 SNFH, 3 ET, 4 RC   3          TC {1, 3}, WT {1, 2, 3}, ET {3}, RC {4}
+``msd``         1 edema, 2 NET, 3 ET         3          TC {2, 3}, WT {1, 2, 3}, ET {3}
 ==============  ==========================  =========  ===============================================
 
 ``brats2018`` covers the BraTS 2018-2021 releases (the paper's setting and this bundle's default), ``brats2023``
@@ -14,6 +15,12 @@ RC is not tumor: it is in none of TC, WT and ET (as in the official ``brats-eval
 
 The file naming tells 2018-2021 (``<case>_t1ce.nii.gz``: ET 4) from 2023+ (``<case>-t1c.nii.gz``: ET 3), but
 2023 and 2024 use the same naming: a 2023+ dataset is ``brats2024`` when most of its label maps hold the value 4.
+
+``msd`` is the Medical Segmentation Decathlon's Task01_BrainTumour (BraTS 2016/2017 cases relabelled): edema and
+the non-enhancing core swap values (1 edema, 2 non-enhancing tumor, 3 enhancing tumour). A Decathlon
+``dataset.json`` declares its labels by name (``"labels": {"0": "background", "1": "edema", ...}``);
+``scheme_from_label_names`` reads such a map, and datalists made from such a tree carry ``"label_scheme": "msd"``.
+Predictions are written back in the scheme's own values (``regions_to_labels``).
 """
 
 from __future__ import annotations
@@ -39,6 +46,7 @@ __all__ = [
     "distinct_values",
     "label_values",
     "detect_label_scheme",
+    "scheme_from_label_names",
     "resolve_label_scheme",
     "labels_to_regions",
     "regions_to_labels",
@@ -68,6 +76,28 @@ class LabelScheme:
     @property
     def allowed_labels(self) -> tuple[int, ...]:
         return (0,) + self.labels
+
+    @property
+    def edema_label(self) -> int:
+        """The value of the whole tumour outside the core (edema / SNFH): 2 in BraTS, 1 in ``msd``."""
+        (value,) = set(self.region_labels["wt"]) - set(self.region_labels["tc"])
+        return value
+
+    @property
+    def core_label(self) -> int:
+        """The value of the tumour core outside ET (necrosis / non-enhancing core): 1 in BraTS, 2 in ``msd``."""
+        (value,) = set(self.region_labels["tc"]) - set(self.region_labels["et"])
+        return value
+
+    @property
+    def volume_labels(self) -> dict[str, int | None]:
+        """The values ``volumes.csv`` counts (``custom.inference.segment.label_volumes`` keywords)."""
+        return {
+            "et_label": self.et_label,
+            "rc_label": self.rc_label,
+            "core_label": self.core_label,
+            "edema_label": self.edema_label,
+        }
 
     def to_regions(self, labels):
         """Label map -> region masks ``(C, H, W, D)`` in network channel order (``labels_to_regions``)."""
@@ -104,6 +134,9 @@ def _scheme(name: str, et: int, rc: int | None) -> LabelScheme:
 SCHEMES: dict[str, LabelScheme] = {
     s.name: s for s in (_scheme("brats2018", 4, None), _scheme("brats2023", 3, None), _scheme("brats2024", 3, 4))
 }
+# Medical Segmentation Decathlon Task01_BrainTumour: 1 edema, 2 non-enhancing tumor, 3 enhancing tumour
+SCHEMES["msd"] = LabelScheme("msd", (1, 2, 3), 3, None, {"tc": (2, 3), "wt": (1, 2, 3), "et": (3,)})
+_ET_SWAPPABLE = ("brats2018", "brats2023")  # the schemes an explicit et_label turns into each other
 DEFAULT_SCHEME = "brats2018"  # the paper's data (BraTS 2019)
 BRATS_MAX_HD95 = 373.13  # HD95 (mm) the BraTS platform reports when exactly one of prediction / reference is empty
 ET_LABELS = tuple(sorted({s.et_label for s in SCHEMES.values()}))  # (3, 4)
@@ -130,10 +163,11 @@ def get_scheme(label_scheme: str | LabelScheme | None = None, et_label: int | No
         scheme = SCHEMES[name]
     if et_label is None or int(et_label) == scheme.et_label:
         return scheme
-    if scheme.rc_label is None:
+    if scheme.name in _ET_SWAPPABLE:
         return scheme_for_et_label(et_label)
+    other = f", RC is {scheme.rc_label}" if scheme.rc_label is not None else ""
     raise ValueError(
-        f"et_label {et_label} contradicts label_scheme {scheme.name} (ET is {scheme.et_label}, RC is {scheme.rc_label}); "
+        f"et_label {et_label} contradicts label_scheme {scheme.name} (ET is {scheme.et_label}{other}); "
         "drop et_label or pick label_scheme brats2018 (ET 4) / brats2023 (ET 3)"
     )
 
@@ -209,13 +243,51 @@ def detect_label_scheme(label_files: Iterable[str], et_label: int = 4) -> LabelS
     return scheme
 
 
+_MSD_LABEL_WORDS = {1: ("edema",), 2: ("non-enhancing", "non enhancing", "nonenhancing"), 3: ("enhancing",)}
+_BRATS_LABEL_WORDS = {1: ("necro", "non-enhancing", "netc", "ncr"), 2: ("edema", "snfh")}
+
+
+def scheme_from_label_names(label_names: Mapping | None) -> LabelScheme | None:
+    """The scheme a decathlon ``dataset.json``'s ``"labels"`` map (``{"0": "background", "1": "edema", ...}``) names.
+
+    ``msd`` when 1 is edema, 2 non-enhancing tumour and 3 enhancing tumour (Task01_BrainTumour); ``brats2023`` /
+    ``brats2018`` when 1 is necrosis / non-enhancing core, 2 edema and 3 / 4 enhancing tumour (a BraTS tree described
+    the decathlon way); None when the map is missing or names something else (the caller falls back to detection)."""
+    if not isinstance(label_names, Mapping) or not label_names:
+        return None
+    try:
+        names = {int(k): str(v).strip().lower() for k, v in label_names.items()}
+    except (TypeError, ValueError):
+        return None
+    names.pop(0, None)
+
+    def is_(value: int, words: tuple[str, ...], exclude: tuple[str, ...] = ()) -> bool:
+        name = names.get(value, "")
+        return any(w in name for w in words) and not any(w in name for w in exclude)
+
+    negated = ("non-enhancing", "non enhancing", "nonenhancing")
+    if set(names) == {1, 2, 3} and is_(1, _MSD_LABEL_WORDS[1]) and is_(2, _MSD_LABEL_WORDS[2]):
+        if is_(3, _MSD_LABEL_WORDS[3], negated):
+            return SCHEMES["msd"]
+    for et in (3, 4):
+        edema = is_(2, _BRATS_LABEL_WORDS[2]) or names.get(2) == "ed"
+        if set(names) == {1, 2, et} and is_(1, _BRATS_LABEL_WORDS[1]) and edema:
+            if is_(et, ("enhancing",), negated) or names[et] == "et":
+                return scheme_for_et_label(et)
+    return None
+
+
 def resolve_label_scheme(datalist: Mapping, label_scheme: str | LabelScheme | None = None) -> LabelScheme:
     """The scheme to train / evaluate with: ``label_scheme`` if given, else the datalist's ``"label_scheme"``, else
+    the one its decathlon ``"labels"`` map names (``scheme_from_label_names``: ``msd`` for Task01_BrainTumour), else
     detected (``detect_label_scheme``) from the datalist's ``"et_label"`` (its naming) and its label files."""
     if label_scheme not in (None, ""):
         return get_scheme(label_scheme)
     if datalist.get("label_scheme"):
         return get_scheme(datalist["label_scheme"])
+    named = scheme_from_label_names(datalist.get("labels"))
+    if named is not None:
+        return named
     labels = [e.get("label") for e in datalist.get("training", []) if isinstance(e, Mapping)]
     return detect_label_scheme(labels, datalist.get("et_label", SCHEMES[DEFAULT_SCHEME].et_label))
 
@@ -245,11 +317,11 @@ def regions_to_labels(
 ):
     """Binary region masks ``(C, H, W, D)`` in channel order (TC, WT, ET[, RC]) -> one label map ``(H, W, D)`` uint8.
 
-    The tumor regions are nested (ET in TC in WT): labels go from the outside in, WT -> 2, TC -> 1, ET -> the
-    scheme's ET label, and a voxel an independent sigmoid puts in an inner region but not in an outer one counts
-    as in both. When the case's ET volume is below ``et_threshold`` voxels the ET voxels become label 1 (the
-    paper's post-processing). With RC (``brats2024``), RC voxels outside the whole tumor become label 4: the
-    tumor wins where both are predicted.
+    The tumor regions are nested (ET in TC in WT): labels go from the outside in, WT -> the edema label (2; 1 in
+    ``msd``), TC -> the core label (1; 2 in ``msd``), ET -> the scheme's ET label, and a voxel an independent sigmoid
+    puts in an inner region but not in an outer one counts as in both. When the case's ET volume is below
+    ``et_threshold`` voxels the ET voxels get the core label (the paper's post-processing). With RC (``brats2024``),
+    RC voxels outside the whole tumor become label 4: the tumor wins where both are predicted.
     """
     scheme = get_scheme(label_scheme, et_label)
     is_tensor = isinstance(regions, torch.Tensor)
@@ -266,8 +338,8 @@ def regions_to_labels(
         labels = torch.zeros(wt.shape, dtype=torch.uint8, device=masks.device)
     else:
         labels = np.zeros(wt.shape, np.uint8)
-    labels[wt] = 2
-    labels[tc] = 1
+    labels[wt] = scheme.edema_label
+    labels[tc] = scheme.core_label
     if int(et.sum()) >= max(int(et_threshold), 1):
         labels[et] = scheme.et_label
     if scheme.rc_label is not None:

@@ -2,6 +2,11 @@
 JSON, with stratified cross-validation folds; the training/validation/testing entries of a fold.
 
 Cases with a segmentation go to ``"training"`` with a fold number, cases without one to ``"testing"``.
+
+Medical Segmentation Decathlon JSONs (Task01_BrainTumour's ``dataset.json``) are read as they are: ``"test"`` (a list
+of paths) is the testing list, the ``"modality"`` map gives each 4-channel entry its ``channel_index`` (the channel
+holding T1, T1c, T2, FLAIR; ``custom.core.naming.OrderSequencesd`` applies it after loading) and the ``"labels"``
+map the label scheme (``msd``), unless the JSON sets ``"label_scheme"`` itself.
 """
 
 from __future__ import annotations
@@ -17,8 +22,16 @@ import numpy as np
 
 from custom.core.errors import DataError, DatasetNotFound, format_problems
 from custom.core.io import atomic_path, check_case_ids
-from custom.core.labels import ET_LABELS, resolve_label_scheme
-from custom.core.naming import SEQUENCES, case_id_from_path, nifti_stem, parse_stem, sequence_name
+from custom.core.labels import ET_LABELS, get_scheme, resolve_label_scheme, scheme_from_label_names
+from custom.core.naming import (
+    CHANNEL_INDEX_KEY,
+    SEQUENCES,
+    case_id_from_path,
+    channel_index_from_modality,
+    nifti_stem,
+    parse_stem,
+    sequence_name,
+)
 from custom.data.discovery import discover_cases
 from custom.data.validation import preflight
 
@@ -81,9 +94,15 @@ def make_datalist(
     """
     folds = _check_folds(folds)
     incomplete: dict[str, str] = {}
-    cases = discover_cases(dataset_dir, allow_incomplete=allow_incomplete, incomplete_cases=incomplete)
+    where: dict[str, str] = {}
+    cases = discover_cases(
+        dataset_dir, allow_incomplete=allow_incomplete, incomplete_cases=incomplete, incomplete_files=where
+    )
+    schemes = sorted({c.label_scheme for c in cases if c.label_scheme})
+    if len(schemes) > 1:
+        raise DataError(f"{dataset_dir} holds cases of label schemes {', '.join(schemes)}; keep one per dataset")
     if et_label is None:
-        implied = sorted({c.et_label for c in cases})
+        implied = sorted({c.et_label for c in cases}) or [4]
         if len(implied) > 1:
             raise DataError(
                 f"{dataset_dir} mixes BraTS 2018-2021 file naming (ET label 4) and BraTS 2023+ naming (ET label 3); "
@@ -96,6 +115,8 @@ def make_datalist(
     testing: list[dict] = []
     for case in cases:
         entry: dict[str, Any] = {"case_id": case.case_id, "image": list(case.images)}
+        if case.channel_index is not None:
+            entry[CHANNEL_INDEX_KEY] = list(case.channel_index)
         if case.label is None:
             testing.append(entry)
             continue
@@ -106,7 +127,7 @@ def make_datalist(
     _assign_folds(training, folds, seed)
     if 0 < len(training) < folds:
         logger.warning("only %d labeled case(s) for %d folds: some validation folds are empty", len(training), folds)
-    return {
+    datalist = {
         "name": Path(dataset_dir).expanduser().resolve().name,
         "et_label": et_label,
         "channel_order": list(SEQUENCES),
@@ -114,12 +135,23 @@ def make_datalist(
         "seed": int(seed),
         "training": training,
         "testing": testing,
-        # cases discovery found incomplete (allow_incomplete): the pre-flight reports them with the others
+        # cases discovery found incomplete or unusable (allow_incomplete): the pre-flight reports them with the others
         "incomplete": [
-            {"case_id": case_id, "error": problem, "fix": "add the missing sequence files, or remove the case"}
+            {
+                "case_id": case_id,
+                "error": problem,
+                "folder": where.get(case_id, "-"),
+                "fix": "complete the case (4 sequences, each once, readable), or remove it",
+            }
             for case_id, problem in sorted(incomplete.items())
         ],
     }
+    if schemes:  # declared by a decathlon dataset.json (msd)
+        try:
+            datalist["label_scheme"] = get_scheme(schemes[0], et_label=et_label).name
+        except ValueError as e:
+            raise DataError(f"{dataset_dir}: {e}") from e
+    return datalist
 
 
 def _relative_to(path: str, base: Path) -> str:
@@ -222,6 +254,23 @@ def _normalise_entry(item: Any, base: Path, where: str) -> dict:
     return entry
 
 
+def _apply_modality(raw: dict, entries: list[dict], path: Path) -> None:
+    """A decathlon ``"modality"`` map: every 4-channel entry (one image file) without its own ``channel_index`` gets
+    the map's (``custom.core.naming.channel_index_from_modality``); ``DataError`` naming the file when the map is not
+    one of the four sequences."""
+    if "modality" not in raw:
+        return
+    try:
+        index = channel_index_from_modality(raw["modality"], f"datalist {path}")
+    except ValueError as e:
+        raise DataError(f"{e}; fix the map (the channel order of the 4-channel files)") from e
+    if index == tuple(range(len(SEQUENCES))):
+        return
+    for entry in entries:
+        if len(entry["image"]) == 1 and CHANNEL_INDEX_KEY not in entry:
+            entry[CHANNEL_INDEX_KEY] = list(index)
+
+
 def implied_et_label(entries: list[dict]) -> int:
     """3 when every image file uses the BraTS 2023+ dash naming, else 4."""
     stems = [nifti_stem(Path(p).name) or "" for e in entries for p in e["image"]]
@@ -282,19 +331,23 @@ def load_datalist(
         raw = json.loads(path.read_text())
     except json.JSONDecodeError as e:
         raise DataError(f"datalist {path} is not valid JSON ({e}); fix it or write a new one") from e
+    if isinstance(raw, dict) and "testing" not in raw and isinstance(raw.get("test"), list):
+        raw = {**raw, "testing": raw["test"]}  # the Medical Segmentation Decathlon's name for it
     if (
         not isinstance(raw, dict)
         or not isinstance(raw.get("training", []), list)
         or not isinstance(raw.get("testing", []), list)
     ):
-        raise DataError(f"datalist {path} must be a JSON object with 'training' and/or 'testing' lists")
+        raise DataError(f"datalist {path} must be a JSON object with 'training' and/or 'testing' (or 'test') lists")
     if not raw.get("training") and not raw.get("testing"):
         raise DataError(f"datalist {path} has no 'training' or 'testing' entries")
 
     base = path.resolve().parent
     datalist = dict(raw)
+    datalist.pop("test", None)
     training = [_normalise_entry(e, base, f"{path} training[{i}]") for i, e in enumerate(raw.get("training", []))]
     testing = [_normalise_entry(e, base, f"{path} testing[{i}]") for i, e in enumerate(raw.get("testing", []))]
+    _apply_modality(raw, training + testing, path)
     unlabeled = [e["case_id"] for e in training if e.get("label") is None]
     if unlabeled:
         raise DataError(
@@ -313,11 +366,13 @@ def load_datalist(
     for e in training:
         if not isinstance(e["fold"], (int, np.integer)) or isinstance(e["fold"], bool) or not 0 <= e["fold"] < n_folds:
             raise DataError(f"datalist {path}: case {e['case_id']} has fold {e['fold']!r}, expected 0..{n_folds - 1}")
+    named = None if raw.get("label_scheme") else scheme_from_label_names(raw.get("labels"))
+    if named is not None and named.name == "msd":  # the labels map names the decathlon's values
+        datalist["label_scheme"] = named.name
+    default_et = named.et_label if named is not None else implied_et_label(training + testing)
     datalist.update(
         {
-            "et_label": _check_et_label(
-                et_label if et_label is not None else raw.get("et_label", implied_et_label(training + testing))
-            ),
+            "et_label": _check_et_label(et_label if et_label is not None else raw.get("et_label", default_et)),
             "channel_order": raw.get("channel_order", list(SEQUENCES)),
             "numFolds": n_folds,
             "training": training,
@@ -330,7 +385,12 @@ def load_datalist(
             f"{list(SEQUENCES)} (T1, T1c, T2, FLAIR): re-order the 'image' lists"
         )
     datalist.setdefault("name", path.stem)
-    check_case_ids({"training": training, "testing": testing}, f"datalist {path}")  # ids name the output files
+    try:  # ids name the output files
+        check_case_ids({"training": training, "testing": testing}, f"datalist {path}")
+    except DataError:
+        raise
+    except ValueError as e:  # a user's datalist: one clean line, not a traceback
+        raise DataError(str(e)) from e
     return datalist
 
 

@@ -44,8 +44,8 @@ def to_gli_labels(labels: np.ndarray, scheme: str | LabelScheme) -> np.ndarray:
     scheme = get_scheme(scheme)
     labels = np.asarray(labels)
     out = np.zeros(labels.shape, np.uint8)
-    out[labels == 1] = _GLI_LABELS["netc"]
-    out[labels == 2] = _GLI_LABELS["snfh"]
+    out[labels == scheme.core_label] = _GLI_LABELS["netc"]
+    out[labels == scheme.edema_label] = _GLI_LABELS["snfh"]
     out[labels == scheme.et_label] = _GLI_LABELS["et"]
     if scheme.rc_label is not None:
         out[labels == scheme.rc_label] = _GLI_LABELS["rc"]

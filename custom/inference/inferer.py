@@ -16,7 +16,7 @@ from monai.transforms import MapTransform
 from custom.core.errors import DataError
 from custom.core.io import atomic_path, safe_case_id
 from custom.core.labels import DEFAULT_SCHEME, get_scheme, resolve_label_scheme
-from custom.core.naming import case_id_from_path, nifti_stem
+from custom.core.naming import CHANNEL_INDEX_KEY, case_id_from_path, nifti_stem
 from custom.data.datalist import implied_et_label, load_datalist
 from custom.data.discovery import discover_cases
 from custom.inference.ensemble import FLIP_DIMS, SnapshotFlipEnsemble, sum_flipped_probabilities
@@ -72,11 +72,13 @@ class FlipTTAInferer(Inferer):
 
 
 def inference_files(source: str) -> list[dict]:
-    """Every case of ``source`` (a BraTS folder in any supported naming, a datalist JSON, a 4-channel NIfTI file or a
-    folder of them), labelled or not, as ``{"case_id", "image"}`` entries.
+    """Every case of ``source`` (a BraTS folder in any supported naming, a decathlon tree, a datalist JSON, a
+    4-channel NIfTI file or a folder of them), labelled or not, as ``{"case_id", "image"}`` entries; a 4-channel file
+    whose ``dataset.json`` names its channels also carries ``channel_index`` (``CheckSequencesd`` re-orders them).
 
     A case with missing sequences becomes an entry with an ``"error"`` that ``segment_cases`` reports, so one
-    incomplete case neither stops the run nor disappears from its summary.
+    incomplete case neither stops the run nor disappears from its summary. A folder with no recognisable case, or a
+    datalist with an unusable case id, raises ``DataError`` (one line through ``custom.entry.inference_files``).
     """
     source = str(source)
     if not os.path.exists(source):
@@ -86,25 +88,43 @@ def inference_files(source: str) -> list[dict]:
     if os.path.isdir(source):
         incomplete: dict[str, str] = {}
         cases = discover_cases(source, allow_incomplete=True, incomplete_cases=incomplete)
-        entries = [{"case_id": c.case_id, "image": c.images} for c in cases]
+        entries = [_entry(c.case_id, c.images, c.channel_index) for c in cases]
         entries += [{"case_id": case_id, "image": [], "error": problem} for case_id, problem in incomplete.items()]
         return sorted(entries, key=lambda e: e["case_id"])
     datalist = load_datalist(source)
     entries = list(datalist.get("training", [])) + list(datalist.get("testing", []))
     return [
-        {"case_id": e.get("case_id") or case_id_from_path(_first(e["image"])), "image": e["image"]} for e in entries
+        _entry(e.get("case_id") or case_id_from_path(_first(e["image"])), e["image"], e.get(CHANNEL_INDEX_KEY))
+        for e in entries
     ]
 
 
+def _entry(case_id: str, images, channel_index=None) -> dict:
+    entry = {"case_id": case_id, "image": images}
+    if channel_index is not None:
+        entry[CHANNEL_INDEX_KEY] = list(channel_index)
+    return entry
+
+
 def dataset_label_scheme(source: str) -> str:
-    """The label scheme to write for the cases of ``source``: the one its labels or file naming show (BraTS 2023+
-    naming: ``brats2023``, or ``brats2024`` when most label maps hold RC 4; 2018-2021 naming and 4-channel files:
-    ``brats2018``); ``brats2018`` when ``source`` does not exist yet. ``--label_scheme`` overrides it."""
+    """The label scheme to write for the cases of ``source``: the one its ``dataset.json`` names (a decathlon tree:
+    ``msd``), else the one its labels or file naming show (BraTS 2023+ naming: ``brats2023``, or ``brats2024`` when
+    most label maps hold RC 4; 2018-2021 naming and 4-channel files: ``brats2018``); ``brats2018`` when ``source``
+    does not exist yet. ``--label_scheme`` overrides it."""
     try:
         if os.path.isdir(source):  # one discovery gives the images and the label maps
             cases = discover_cases(source, allow_incomplete=True, incomplete_cases={})
+            named = {c.label_scheme for c in cases}
+            if len(named) == 1 and None not in named:
+                return named.pop()
             entries = [{"image": c.images} for c in cases]
             labelled = [{"label": c.label} for c in cases if c.label]  # RC 4 tells brats2024 from brats2023
+        elif os.path.isfile(source) and source.endswith(".json"):
+            datalist = load_datalist(source)
+            entries = [e for e in inference_files(source) if e["image"]]
+            if entries and (datalist.get("label_scheme") or datalist.get("labels")):
+                return resolve_label_scheme(datalist).name
+            labelled = []
         else:
             entries, labelled = [e for e in inference_files(source) if e["image"]], []
     except DataError:  # no recognisable case: the run reports it, in one message

@@ -56,7 +56,7 @@ from custom.core.io import atomic_path
 from custom.core.labels import LabelScheme, get_scheme
 from custom.core.lock import is_locked_here, lock_output_dir, release_output_dir
 from custom.core.naming import case_id_from_path
-from custom.data.validation import check_headers
+from custom.data.validation import check_headers, locate_read_error
 
 __all__ = [
     "Segmenter",
@@ -102,16 +102,24 @@ class QualityCheck:
         return flags
 
 
-def label_volumes(labels: np.ndarray, spacing: Sequence[float], et_label: int = 4, rc_label: int | None = None) -> dict:
+def label_volumes(
+    labels: np.ndarray,
+    spacing: Sequence[float],
+    et_label: int = 4,
+    rc_label: int | None = None,
+    core_label: int = 1,
+    edema_label: int = 2,
+) -> dict:
     """Volumes in millilitres of each BraTS label and region of a label map with voxel ``spacing`` (mm).
 
-    Labels: ``ncr`` 1 (necrosis / non-enhancing core), ``ed`` 2 (edema), ``et`` ``et_label``, and ``rc`` (resection
-    cavity, label 4 of BraTS 2024+ when ``rc_label`` is given); regions: ``tc`` = ncr + et, ``wt`` = ncr + ed + et.
+    Labels: ``ncr`` ``core_label`` (necrosis / non-enhancing core: 1, 2 in ``msd``), ``ed`` ``edema_label`` (2, 1 in
+    ``msd``), ``et`` ``et_label``, and ``rc`` (resection cavity, label 4 of BraTS 2024+ when ``rc_label`` is given);
+    regions: ``tc`` = ncr + et, ``wt`` = ncr + ed + et (``LabelScheme.volume_labels`` gives a scheme's values).
     """
     labels = np.asarray(labels)
     voxel_ml = float(np.prod([float(s) for s in spacing])) / 1000.0
     counts = np.bincount(labels.ravel().astype(np.int64), minlength=max(5, int(et_label) + 1))
-    volumes = {"ncr_ml": counts[1], "ed_ml": counts[2], "et_ml": counts[int(et_label)]}
+    volumes = {"ncr_ml": counts[int(core_label)], "ed_ml": counts[int(edema_label)], "et_ml": counts[int(et_label)]}
     if rc_label is not None:
         volumes["rc_ml"] = counts[int(rc_label)]
     volumes["tc_ml"] = volumes["ncr_ml"] + volumes["et_ml"]
@@ -400,8 +408,7 @@ def _segment_one(
     device,
     amp,
     quality_check,
-    et_label: int,
-    rc_label: int | None,
+    volume_labels: Mapping[str, int | None],
     fingerprint: str | None,
 ) -> CaseResult:
     if item.get("error"):
@@ -409,7 +416,13 @@ def _segment_one(
     problems = check_headers(case_id, item["image"])
     if problems:
         raise ValueError("; ".join(f"{p.file}: {p.problem}" for p in problems))
-    sample = preprocessing({**item, "source": item["image"]})
+    try:
+        sample = preprocessing({**item, "source": item["image"]})
+    except Exception as e:  # the loader's error may name no file (a truncated .nii.gz): name the one at fault
+        unreadable = locate_read_error(case_id, item["image"])
+        if unreadable:
+            raise ValueError("; ".join(f"{p.file}: {p.problem}" for p in unreadable)) from e
+        raise
     warnings = [w for w in str(sample.get("input_warnings", "")).splitlines() if w]
     image = sample["image"].unsqueeze(0).to(device)
     autocast = (
@@ -428,7 +441,7 @@ def _segment_one(
         brain = None  # a pipeline whose inverse does not give the input's grid: count every tumor voxel
     flags = warnings + (quality_check(labels, brain_voxels, brain) if quality_check is not None else [])
     spacing = nib.load(_first(item["image"])).header.get_zooms()[:3]
-    volumes = label_volumes(labels, spacing, et_label, rc_label)
+    volumes = label_volumes(labels, spacing, **volume_labels)
     volumes["brain_ml"] = round(brain_voxels * float(np.prod(spacing)) / 1000.0, 4)
     return CaseResult(case_id, "written", path, flags, volumes)
 
@@ -497,6 +510,7 @@ def segment_cases(
     et_label: int = 4,
     rc_label: int | None = None,
     volumes_csv: str | None = "",
+    label_scheme: str | LabelScheme | None = None,
 ) -> SegmentationSummary:
     """Segments every case of ``data`` and writes it (see the module docstring); returns the summary.
 
@@ -504,8 +518,14 @@ def segment_cases(
     skipped only when they were written with the same settings and ``overwrite`` is false. ``volumes_csv``: ""
     writes ``<writer.output_dir>/volumes.csv``, None writes none. With ``raise_on_failure`` (inference) a failed
     case ends the run with a non-zero exit after all the others are written; without it (evaluation) failures
-    are only reported, and evaluation then reports the cases it finds no prediction for.
+    are only reported, and evaluation then reports the cases it finds no prediction for. ``label_scheme`` (else
+    ``et_label`` and ``rc_label`` with the BraTS core 1 and edema 2) gives the label values ``volumes.csv`` counts.
     """
+    volume_labels = (
+        get_scheme(label_scheme).volume_labels
+        if label_scheme is not None
+        else {"et_label": et_label, "rc_label": rc_label, "core_label": 1, "edema_label": 2}
+    )
     if not data:
         raise DataError("no cases to segment: --dataset_dir is missing, empty or holds no BraTS case.")
     output_dir = _output_dir(writer)
@@ -513,7 +533,7 @@ def segment_cases(
     try:
         return _segment_cases(
             data, preprocessing, network, inferer, postprocessing, writer, torch.device(device), amp, progress,
-            raise_on_failure, overwrite, quality_check, settings, et_label, rc_label, volumes_csv, output_dir,
+            raise_on_failure, overwrite, quality_check, settings, volume_labels, volumes_csv, output_dir,
         )  # fmt: skip
     finally:
         if took_lock:
@@ -522,7 +542,7 @@ def segment_cases(
 
 def _segment_cases(
     data, preprocessing, network, inferer, postprocessing, writer, device, amp, progress, raise_on_failure,
-    overwrite, quality_check, settings, et_label, rc_label, volumes_csv, output_dir,
+    overwrite, quality_check, settings, volume_labels, volumes_csv, output_dir,
 ) -> SegmentationSummary:  # fmt: skip
     from tqdm import tqdm
 
@@ -561,8 +581,7 @@ def _segment_cases(
                         device,
                         amp,
                         quality_check,
-                        et_label,
-                        rc_label,
+                        volume_labels,
                         fingerprint,
                     )
                 )
@@ -635,8 +654,7 @@ class Segmenter:
             return segment_cases(
                 self.data, self.preprocessing, self.network, self.inferer, self.postprocessing, self.writer,
                 self.device, amp=self.amp, raise_on_failure=self.raise_on_failure, overwrite=self.overwrite,
-                quality_check=self.quality_check, settings=self.settings, et_label=scheme.et_label,
-                rc_label=scheme.rc_label,
+                quality_check=self.quality_check, settings=self.settings, label_scheme=scheme,
             )  # fmt: skip
         finally:
             if took_lock:
