@@ -23,6 +23,7 @@ __all__ = [
     "sequence_name",
     "is_four_channel",
     "split_channels",
+    "spatial_shape",
     "channel_index_from_modality",
     "OrderSequencesd",
     "CHANNEL_INDEX_KEY",
@@ -115,6 +116,15 @@ def is_four_channel(shape: tuple[int, ...]) -> bool:
     if len(shape) == 5:
         return shape[3] == 1 and shape[4] == len(SEQUENCES)
     return len(shape) == 4 and (shape[-1] == len(SEQUENCES) or shape[0] == len(SEQUENCES))
+
+
+def spatial_shape(shape: tuple[int, ...]) -> tuple[int, ...]:
+    """The (X, Y, Z) of an input file's shape: a 3-D volume, a volume stored as (X, Y, Z, 1), or a 4-channel study
+    (channels last, first, or ``(X, Y, Z, 1, 4)``): what a prediction for it must have."""
+    shape = tuple(shape)
+    if len(shape) == 4 and shape[0] == len(SEQUENCES) and shape[-1] != len(SEQUENCES):
+        return shape[1:4]  # channels first
+    return shape[:3]
 
 
 def split_channels(data: np.ndarray) -> list[np.ndarray] | None:

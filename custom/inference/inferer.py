@@ -16,7 +16,7 @@ from monai.transforms import MapTransform
 from custom.core.errors import DataError
 from custom.core.io import atomic_path, safe_case_id
 from custom.core.labels import DEFAULT_SCHEME, get_scheme, resolve_label_scheme
-from custom.core.naming import CHANNEL_INDEX_KEY, case_id_from_path, nifti_stem
+from custom.core.naming import CHANNEL_INDEX_KEY, case_id_from_path, nifti_stem, spatial_shape
 from custom.data.datalist import implied_et_label, load_datalist
 from custom.data.discovery import discover_cases
 from custom.inference.ensemble import FLIP_DIMS, SnapshotFlipEnsemble, sum_flipped_probabilities
@@ -220,11 +220,11 @@ class BratsPredictionWriter:
         case_id = safe_case_id(data["case_id"])  # never a path outside output_dir
         source = _first(data["source"])
         reference = nib.load(source)
-        spatial_shape = reference.shape[:3] if reference.ndim == 3 or reference.shape[-1] == 4 else reference.shape[1:4]
+        expected_shape = spatial_shape(reference.shape)
         labels = np.asarray(data["pred"]).astype(np.uint8).reshape(np.asarray(data["pred"]).shape[-3:])
-        if labels.shape != tuple(spatial_shape):
+        if labels.shape != expected_shape:
             raise RuntimeError(
-                f"{case_id}: prediction shape {labels.shape} differs from the input {source} {spatial_shape}."
+                f"{case_id}: prediction shape {labels.shape} differs from the input {source} {expected_shape}."
             )
         self._check_affine(case_id, source, data["pred"], reference.affine)
         path = os.path.join(self.output_dir, f"{case_id}.nii.gz")
