@@ -9,7 +9,7 @@ from __future__ import annotations
 from custom.core import lock
 from custom.core.errors import clean_exit
 from custom.core.labels import get_scheme
-from custom.data import datalist, validation
+from custom.data import datalist, datasets, validation
 from custom.evaluation import folders
 from custom.inference import inferer
 from custom.inference.segment import SegmentationSummary, Segmenter
@@ -19,6 +19,7 @@ __all__ = [
     "dataset_datalist",
     "preflight_datalist",
     "inference_files",
+    "make_dataset",
     "lock_output_dir",
     "release_output_dir",
     "segment",
@@ -27,6 +28,8 @@ __all__ = [
 
 require_dataset = clean_exit(datalist.require_dataset)
 preflight_datalist = clean_exit(validation.preflight_datalist)
+# train.json's datasets: a memory cache that cannot fit the budget, in one line naming the keys to change
+make_dataset = clean_exit(datasets.make_dataset)
 # inference.json's cases: a folder with no recognisable case or a datalist with an unusable case id, in one line
 inference_files = clean_exit(inferer.inference_files)
 
