@@ -8,16 +8,15 @@ import shutil
 import time
 from pathlib import Path
 
+import custom.tools.benchmark as bench
 import nibabel as nib
 import pytest
 import torch
-from torch.utils.flop_counter import FlopCounterMode
-
-import custom.tools.benchmark as bench
 from custom.core.runtime import bundle_root
 from custom.inference.ensemble import SnapshotFlipEnsemble
 from custom.model.losses import CascadeDiceLoss
 from custom.model.network import CascadedUNet
+from torch.utils.flop_counter import FlopCounterMode
 
 PATCH = 16
 TINY = dict(device="cpu", patch=PATCH, volume="16,16,16", tta=2, steps=2, workers=0, loader_cases=3)

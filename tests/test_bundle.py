@@ -14,7 +14,6 @@ import numpy as np
 import pytest
 import torch
 from conftest import CONFIG_DIR, NARROW_NETWORK, REPO_ROOT
-
 from custom.model.network import CascadedUNet
 from custom.tools.package import BUNDLE_CONFIGS, BUNDLE_ID, bundle_files, default_output, package
 

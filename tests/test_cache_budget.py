@@ -8,9 +8,6 @@ import logging
 import numpy as np
 import pytest
 import torch
-from monai.data import CacheDataset, Dataset
-from monai.transforms import Compose, EnsureTyped, RandFlipd, ShiftIntensityd
-
 from custom.core.errors import DataError
 from custom.data.datasets import (
     CacheBudget,
@@ -21,6 +18,8 @@ from custom.data.datasets import (
     parse_bytes,
     plan_cache,
 )
+from monai.data import CacheDataset, Dataset
+from monai.transforms import Compose, EnsureTyped, RandFlipd, ShiftIntensityd
 
 MB, GB = 10**6, 10**9
 BRATS_CASE = 81 * MB  # a BraTS case after train.json's cached transforms: 80.7 MB measured, 46.7 MB in float16

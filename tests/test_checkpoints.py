@@ -11,19 +11,12 @@ import shutil
 import subprocess
 import zipfile
 
+import custom.tools.package
 import nibabel as nib
 import numpy as np
 import pytest
 import torch
 from conftest import CONFIG_DIR, REPO_ROOT
-from ignite.engine import Engine
-from ignite.metrics import Metric
-from monai.bundle import ConfigParser
-from monai.engines import SupervisedEvaluator, SupervisedTrainer
-from monai.handlers import ValidationHandler
-from monai.transforms import Compose, ShiftIntensityd
-
-import custom.tools.package
 from custom.core.io import atomic_path, check_case_ids, safe_case_id
 from custom.data.datalist import load_datalist
 from custom.data.datasets import make_dataset
@@ -39,6 +32,12 @@ from custom.model.checkpoints import (
 )
 from custom.model.network import CascadedUNet
 from custom.tools.package import BUNDLE_CONFIGS, package
+from ignite.engine import Engine
+from ignite.metrics import Metric
+from monai.bundle import ConfigParser
+from monai.engines import SupervisedEvaluator, SupervisedTrainer
+from monai.handlers import ValidationHandler
+from monai.transforms import Compose, ShiftIntensityd
 
 SMALL = {"init_filters": 8, "blocks_down": (1, 1, 1, 1)}
 

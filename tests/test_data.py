@@ -11,7 +11,6 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
-
 from custom.core.naming import SEQUENCES
 from custom.data.datalist import load_datalist, make_datalist, resolve_et_label
 from custom.data.datalist import testing_files as unlabeled_files  # not collected as a test

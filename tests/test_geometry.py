@@ -12,12 +12,11 @@ import numpy as np
 import pytest
 import torch
 from conftest import CONFIG_DIR
+from custom.data.synthetic import case_files, synthesize
+from custom.inference.segment import segment_cases
 from monai.bundle import ConfigParser
 from monai.data import MetaTensor
 from monai.transforms import Spacing, SpatialResample
-
-from custom.data.synthetic import case_files, synthesize
-from custom.inference.segment import segment_cases
 
 SEQUENCES = ("t1", "t1ce", "t2", "flair")
 PERMUTATION = (2, 0, 1)

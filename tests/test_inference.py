@@ -7,15 +7,14 @@ import numpy as np
 import pytest
 import torch
 from conftest import CONFIG_DIR, NARROW_NETWORK
-from ignite.engine import Engine, Events
-from monai.bundle import ConfigWorkflow
-from monai.data import MetaTensor
-
 from custom.data.synthetic import synthesize
 from custom.inference.ensemble import SnapshotFlipEnsemble, plan_passes
 from custom.inference.inferer import FLIP_DIMS, BratsPredictionWriter, FlipTTAInferer, RestrictToBraind
 from custom.model.checkpoints import EpochSnapshotSaver
 from custom.model.network import CascadedUNet
+from ignite.engine import Engine, Events
+from monai.bundle import ConfigWorkflow
+from monai.data import MetaTensor
 
 SMALL = {"init_filters": 8, "blocks_down": (1, 1, 1, 1)}
 

@@ -16,8 +16,6 @@ import numpy as np
 import pytest
 import torch
 from conftest import CONFIG_DIR, REPO_ROOT
-from monai.bundle import ConfigParser
-
 from custom.core.errors import DataError, OutputDirLocked
 from custom.core.io import atomic_path
 from custom.core.lock import LOCK_NAME, lock_output_dir, release_output_dir
@@ -27,6 +25,7 @@ from custom.inference.inferer import inference_files
 from custom.inference.segment import QualityCheck, segment_cases
 from custom.model.checkpoints import atomic_save
 from custom.model.network import CascadedUNet
+from monai.bundle import ConfigParser
 
 ENV = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "OMP_NUM_THREADS": "1"}
 SMALL = {"init_filters": 8, "blocks_down": (1, 1, 1, 1), "trilinear_decoder": False}

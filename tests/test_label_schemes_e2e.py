@@ -8,10 +8,9 @@ import numpy as np
 import pytest
 import torch
 from conftest import CONFIG_DIR, TINY_TRAINING
-from monai.bundle import ConfigWorkflow
-
 from custom.data.synthetic import case_files, synthesize
 from custom.evaluation.folders import evaluate_folder
+from monai.bundle import ConfigWorkflow
 
 TINY = {**TINY_TRAINING, "cache": "none"}
 

@@ -6,9 +6,6 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
-from monai.data import MetaTensor
-from monai.transforms import ConvertToMultiChannelBasedOnBratsClassesd
-
 from custom.core.labels import (
     SCHEMES,
     LabelsToRegionsd,
@@ -18,6 +15,8 @@ from custom.core.labels import (
     regions_to_labels,
     resolve_label_scheme,
 )
+from monai.data import MetaTensor
+from monai.transforms import ConvertToMultiChannelBasedOnBratsClassesd
 
 
 def test_the_three_schemes():

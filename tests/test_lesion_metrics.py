@@ -13,7 +13,6 @@ import math
 import nibabel as nib
 import numpy as np
 import pytest
-
 from custom.evaluation.folders import csv_columns, evaluate_folder
 from custom.evaluation.lesions import LESION_METRICS, lesion_columns, lesion_metrics, to_gli_labels
 from custom.evaluation.metrics import BRATS_MAX_HD95, case_metrics

@@ -1,7 +1,6 @@
 """Eq. 2 of Jiang et al. against a hand computation, and the sum over heads."""
 
 import torch
-
 from custom.model.losses import CascadeDiceLoss
 
 

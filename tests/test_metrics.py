@@ -8,14 +8,12 @@ import types
 from dataclasses import dataclass
 from pathlib import Path
 
+import custom.evaluation.folders
 import nibabel as nib
 import numpy as np
 import pytest
 import torch
 from conftest import swap_et
-from scipy import ndimage
-
-import custom.evaluation.folders
 from custom.evaluation.folders import evaluate_folder
 from custom.evaluation.metrics import (
     BRATS_MAX_HD95,
@@ -26,6 +24,7 @@ from custom.evaluation.metrics import (
     region_metrics,
     summarize,
 )
+from scipy import ndimage
 
 EXPECTED_COLUMNS = [
     "case_id",

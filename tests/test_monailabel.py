@@ -23,7 +23,6 @@ import numpy as np
 import pytest
 import torch
 from conftest import CONFIG_DIR
-
 from custom.model.network import CascadedUNet
 from custom.tools.package import package
 

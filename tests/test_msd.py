@@ -12,8 +12,6 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
-from monai.transforms import Compose, EnsureChannelFirstd, LoadImaged
-
 from custom.core.labels import SCHEMES, LabelsToRegionsd, get_scheme, resolve_label_scheme, scheme_from_label_names
 from custom.core.naming import OrderSequencesd, channel_index_from_modality, sequence_name
 from custom.data.datalist import load_datalist
@@ -21,6 +19,7 @@ from custom.data.discovery import discover_cases
 from custom.data.synthetic import synthesize
 from custom.data.transforms import EnsureSequenceChannelsd
 from custom.data.validation import inspect_case
+from monai.transforms import Compose, EnsureChannelFirstd, LoadImaged
 
 MSD_MODALITY = {"0": "FLAIR", "1": "T1w", "2": "t1gd", "3": "T2w"}
 MSD_LABELS = {"0": "background", "1": "edema", "2": "non-enhancing tumor", "3": "enhancing tumour"}
@@ -181,9 +180,8 @@ def test_inference_on_the_msd_tree_equals_the_brats_tree_in_msd_labels(trees, tm
     """inference.json on the decathlon folder: channels re-ordered by its modality map, labels written in its values
     (scheme ``msd`` detected from dataset.json); the same segmentation as on the BraTS tree of the same cases."""
     from conftest import CONFIG_DIR, NARROW_NETWORK
-    from monai.bundle import ConfigWorkflow
-
     from custom.model.network import CascadedUNet
+    from monai.bundle import ConfigWorkflow
 
     brats, msd, ids = trees
     torch.manual_seed(0)

@@ -16,10 +16,9 @@ import time
 import pytest
 import torch.distributed as dist
 from conftest import CONFIG_DIR, REPO_ROOT, TINY_TRAINING
-from monai.bundle import ConfigParser
-
 from custom.data.datalist import load_datalist, training_files, validation_files
 from custom.data.synthetic import synthesize
+from monai.bundle import ConfigParser
 
 CONFIGS = [str(CONFIG_DIR / "train.json"), str(CONFIG_DIR / "multi_gpu_train.json")]
 # 7 cases in 3 folds: fold 0 validates on 3 cases (uneven over 2 ranks) and trains on 4 (2 per rank)

@@ -16,7 +16,6 @@ import pytest
 import torch
 import torch.distributed as dist
 from conftest import CONFIG_DIR, NARROW_NETWORK, REPO_ROOT
-
 from custom.data.synthetic import case_files, synthesize
 from custom.model.network import CascadedUNet
 

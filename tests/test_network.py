@@ -2,7 +2,6 @@
 
 import pytest
 import torch
-
 from custom.model.network import CascadedUNet
 
 

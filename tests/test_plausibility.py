@@ -14,8 +14,6 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
-from monai.transforms import LoadImaged
-
 from custom.core.errors import DataError, DatasetNotFound
 from custom.core.naming import SEQUENCE_NAMES, SEQUENCES
 from custom.data.datalist import load_datalist, make_datalist
@@ -24,6 +22,7 @@ from custom.data.plausibility import check_channel_order
 from custom.data.synthetic import synthesize, synthesize_case
 from custom.data.transforms import EnsureSequenceChannelsd
 from custom.data.validation import CheckSequencesd, check_datalist, check_headers, inspect_case, locate_read_error
+from monai.transforms import LoadImaged
 
 ORDERS = list(itertools.permutations(range(4)))
 

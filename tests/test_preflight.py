@@ -13,7 +13,6 @@ import nibabel as nib
 import numpy as np
 import pytest
 from conftest import CONFIG_DIR, REPO_ROOT, TINY_TRAINING
-
 from custom.core.lock import LOCK_NAME
 from custom.data.datalist import load_datalist
 from custom.data.synthetic import case_files, synthesize

@@ -1,6 +1,5 @@
 import pytest
 import torch
-
 from custom.model.schedule import WarmupPolyLR, warmup_poly_factor
 
 

@@ -9,12 +9,11 @@ import numpy as np
 import pytest
 import torch
 from conftest import CONFIG_DIR
-from monai.bundle import ConfigParser
-
 from custom.core.errors import DataError
 from custom.data.synthetic import case_files, synthesize
 from custom.inference.inferer import inference_files
 from custom.inference.segment import QualityCheck, label_volumes, segment_cases, split_by_size
+from monai.bundle import ConfigParser
 
 
 class ThresholdNet(torch.nn.Module):

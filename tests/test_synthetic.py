@@ -8,10 +8,9 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
-from scipy import ndimage
-
 from custom.data import synthetic
 from custom.data.synthetic import case_files, case_id, ensure_demo_data, synthesize, synthesize_case
+from scipy import ndimage
 
 SHAPE = (32, 32, 32)
 

@@ -2,11 +2,10 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
-from monai.data import MetaTensor
-from monai.transforms import ConvertToMultiChannelBasedOnBratsClasses, LoadImaged
-
 from custom.core.labels import regions_to_labels
 from custom.data.transforms import BrainMaskd, CanonicalGeometryd, EnsureSequenceChannelsd
+from monai.data import MetaTensor
+from monai.transforms import ConvertToMultiChannelBasedOnBratsClasses, LoadImaged
 
 
 @pytest.mark.parametrize("et_label", [4, 3])

@@ -14,7 +14,6 @@ import numpy as np
 import pytest
 import torch
 from conftest import CONFIG_DIR, REPO_ROOT
-
 from custom.data.synthetic import synthesize
 from custom.model.network import CascadedUNet
 

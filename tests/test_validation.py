@@ -8,7 +8,6 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
-
 from custom.core.naming import SEQUENCES
 from custom.data.validation import CaseProblem, check_datalist, format_problems, validate_entries
 

@@ -8,7 +8,6 @@ import matplotlib.image as mpimg
 import nibabel as nib
 import numpy as np
 import pytest
-
 from custom.core.labels import SCHEMES
 from custom.core.naming import SEQUENCE_NAMES
 from custom.data.synthetic import synthesize

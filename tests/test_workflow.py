@@ -10,11 +10,10 @@ import time
 import pytest
 import torch
 from conftest import CONFIG_DIR, REPO_ROOT, TINY_TRAINING
-from ignite.engine import Events
-from monai.bundle import ConfigParser, ConfigWorkflow
-
 from custom.data.synthetic import synthesize
 from custom.model.checkpoints import atomic_save, list_snapshots, load_state_dict
+from ignite.engine import Events
+from monai.bundle import ConfigParser, ConfigWorkflow
 
 
 @pytest.fixture(scope="module")

@@ -20,7 +20,6 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import CONFIG_DIR, REPO_ROOT
-
 from custom.model.network import CascadedUNet
 from custom.tools.package import BUNDLE_ID, package
 

@@ -19,7 +19,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-
 from custom.core.errors import DataError, DatasetNotFound, format_problems
 from custom.core.io import atomic_path, check_case_ids
 from custom.core.labels import ET_LABELS, get_scheme, resolve_label_scheme, scheme_from_label_names

@@ -22,11 +22,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from custom.core.errors import DataError
 from monai.data import CacheDataset, Dataset, PersistentDataset
 from monai.data.utils import pickle_hashing
 from monai.transforms import Compose, RandomizableTrait, Transform
-
-from custom.core.errors import DataError
 
 __all__ = [
     "make_dataset",

@@ -30,7 +30,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import nibabel as nib
-
 from custom.core.errors import CaseProblem, DataError, DatasetNotFound
 from custom.core.labels import scheme_from_label_names
 from custom.core.naming import (

@@ -49,7 +49,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
-
 from custom.core.naming import SEQUENCE_NAMES
 
 __all__ = ["ChannelOrderVerdict", "check_channel_order", "T2_RATIO", "FLAIR_MARGIN", "T1C_ASYMMETRY"]

@@ -42,11 +42,10 @@ from pathlib import Path
 
 import nibabel as nib
 import numpy as np
-from scipy import ndimage
-
 from custom.core.io import atomic_path
 from custom.core.labels import SCHEMES
 from custom.core.naming import SEQUENCES, WRITTEN_SUFFIXES
+from scipy import ndimage
 
 __all__ = [
     "NAMINGS",

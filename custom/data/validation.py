@@ -36,7 +36,6 @@ from typing import Any
 
 import nibabel as nib
 import numpy as np
-
 from custom.core.errors import CaseProblem, DataError, format_problems
 from custom.core.labels import SCHEMES, allowed_labels, distinct_values, get_scheme
 from custom.core.naming import (

@@ -17,7 +17,6 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import torch
-
 from custom.core.distributed import rank_and_world_size
 from custom.core.errors import DataError, DatasetNotFound
 from custom.core.io import atomic_path

@@ -24,7 +24,6 @@ import warnings
 from collections.abc import Sequence
 
 import numpy as np
-
 from custom.core.labels import BRATS_MAX_HD95, LabelScheme, get_scheme, regions_of
 
 __all__ = ["LESION_METRICS", "to_gli_labels", "lesion_columns", "lesion_metrics"]

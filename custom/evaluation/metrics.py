@@ -51,11 +51,10 @@ from collections.abc import Sequence
 
 import numpy as np
 import torch
-from monai.metrics import compute_dice
-from monai.metrics.utils import get_mask_edges, get_surface_distance
-
 from custom.core.labels import BRATS_MAX_HD95, LabelScheme, get_scheme, regions_of, scheme_for_et_label
 from custom.evaluation.lesions import lesion_metrics
+from monai.metrics import compute_dice
+from monai.metrics.utils import get_mask_edges, get_surface_distance
 
 __all__ = [
     "REGIONS",

@@ -25,10 +25,9 @@ import os
 from collections.abc import Callable, Sequence
 
 import torch
-from monai.data import MetaTensor
-
 from custom.core.errors import WeightsNotFound
 from custom.model.checkpoints import BEST_MODEL, SNAPSHOT_PATTERN, TRAINING_ONLY, list_snapshots, load_state_dict
+from monai.data import MetaTensor
 
 __all__ = [
     "FLIP_DIMS",

@@ -9,10 +9,6 @@ from collections.abc import Callable, Mapping, Sequence
 import nibabel as nib
 import numpy as np
 import torch
-from monai.data import MetaTensor
-from monai.inferers import Inferer
-from monai.transforms import MapTransform
-
 from custom.core.errors import DataError
 from custom.core.io import atomic_path, safe_case_id
 from custom.core.labels import DEFAULT_SCHEME, get_scheme, resolve_label_scheme
@@ -20,6 +16,9 @@ from custom.core.naming import CHANNEL_INDEX_KEY, case_id_from_path, nifti_stem,
 from custom.data.datalist import implied_et_label, load_datalist
 from custom.data.discovery import discover_cases
 from custom.inference.ensemble import FLIP_DIMS, SnapshotFlipEnsemble, sum_flipped_probabilities
+from monai.data import MetaTensor
+from monai.inferers import Inferer
+from monai.transforms import MapTransform
 
 __all__ = [
     "FLIP_DIMS",

@@ -47,9 +47,6 @@ from dataclasses import dataclass, field
 import nibabel as nib
 import numpy as np
 import torch
-from monai.bundle import ConfigParser
-from monai.data import MetaTensor
-
 from custom.core.distributed import rank_and_world_size
 from custom.core.errors import DataError
 from custom.core.io import atomic_path
@@ -57,6 +54,8 @@ from custom.core.labels import LabelScheme, get_scheme
 from custom.core.lock import is_locked_here, lock_output_dir, release_output_dir
 from custom.core.naming import case_id_from_path
 from custom.data.validation import check_headers, locate_read_error
+from monai.bundle import ConfigParser
+from monai.data import MetaTensor
 
 __all__ = [
     "Segmenter",

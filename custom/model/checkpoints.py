@@ -27,10 +27,9 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 import torch
+from custom.core.io import atomic_path
 from ignite.engine import Engine, Events
 from ignite.handlers import Checkpoint
-
-from custom.core.io import atomic_path
 
 __all__ = [
     "atomic_save",

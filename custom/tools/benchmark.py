@@ -53,7 +53,6 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
-
 from custom.core.labels import DEFAULT_SCHEME
 from custom.core.runtime import bundle_root, resolve_device
 

@@ -143,9 +143,8 @@ def bundle_files(with_weights: bool = False, weights: str | os.PathLike | None =
 
 def _check_weights(bundle_dir: Path, weights: Path) -> None:
     """The weights must load strictly into ``network_def`` of configs/inference.json, as the bundle's users will load them."""
-    from monai.bundle import ConfigParser
-
     from custom.model.checkpoints import load_state_dict
+    from monai.bundle import ConfigParser
 
     parser = ConfigParser()
     parser.read_config(str(bundle_dir / "configs" / "inference.json"))

@@ -20,7 +20,6 @@ from pathlib import Path
 
 import nibabel as nib
 import numpy as np
-
 from custom.core.io import atomic_path
 from custom.core.labels import SCHEMES, LabelScheme, distinct_values, get_scheme
 from custom.core.naming import (

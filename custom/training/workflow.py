@@ -5,9 +5,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-from monai.handlers import from_engine
-
 from custom.core.naming import REGION_NAMES
+from monai.handlers import from_engine
 
 __all__ = ["RegionOutput", "fastest_memory_format"]
 
