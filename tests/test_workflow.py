@@ -43,16 +43,22 @@ def test_train_config_network_and_run_ids():
     assert "dataset_dir '/nonexistent/BraTS' does not exist" in str(failure.value)
 
 
-def test_train_one_epoch_then_evaluate(tiny_dataset, tmp_path):
-    output_dir = tmp_path / "run"
+def _tiny_training(dataset, output_dir, **overrides) -> ConfigWorkflow:
+    """train.json for one epoch of the tiny dataset, initialised."""
     workflow = ConfigWorkflow(
         config_file=str(CONFIG_DIR / "train.json"),
         workflow_type="train",
-        dataset_dir=str(tiny_dataset),
+        dataset_dir=str(dataset),
         output_dir=str(output_dir),
-        **TINY_TRAINING,
+        **{**TINY_TRAINING, **overrides},
     )
     workflow.initialize()
+    return workflow
+
+
+def test_train_one_epoch_then_evaluate(tiny_dataset, tmp_path):
+    output_dir = tmp_path / "run"
+    workflow = _tiny_training(tiny_dataset, output_dir)
     assert workflow.check_properties() == []  # MONAI's train workflow contract
     workflow.run()
     trainer = workflow.parser.get_parsed_content("train#trainer")
@@ -154,14 +160,7 @@ def test_interrupted_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
 
 
 def _first_epoch_losses(dataset, output_dir, seed: int) -> list[float]:
-    workflow = ConfigWorkflow(
-        config_file=str(CONFIG_DIR / "train.json"),
-        workflow_type="train",
-        dataset_dir=str(dataset),
-        output_dir=str(output_dir),
-        **{**TINY_TRAINING, "val_interval": 2, "cache": "none", "deterministic": True, "seed": seed},
-    )
-    workflow.initialize()
+    workflow = _tiny_training(dataset, output_dir, val_interval=2, cache="none", deterministic=True, seed=seed)
     trainer = workflow.parser.get_parsed_content("train#trainer")  # the instance the run line runs
     losses = []
     trainer.add_event_handler(Events.ITERATION_COMPLETED, lambda engine: losses.append(engine.state.output[0]["loss"]))
