@@ -209,3 +209,27 @@ def test_inference_on_the_msd_tree_equals_the_brats_tree_in_msd_labels(trees, tm
         msd_labels = np.asarray(nib.load(str(msd_file)).dataobj)
         assert np.count_nonzero(brats_labels) > 0  # a segmentation to compare, not two empty maps
         np.testing.assert_array_equal(msd_labels, BRATS2023_TO_MSD[brats_labels])
+
+
+def test_train_json_loading_reads_both_trees_alike(trees):
+    """train.json's own loading transforms (``base_preprocessing``, with its channel-order step) on the labelled
+    cases of both trees: the same normalised images and the same TC, WT, ET targets."""
+    from conftest import CONFIG_DIR
+    from monai.bundle import ConfigParser
+
+    brats, msd, ids = trees
+
+    def loading(source):
+        parser = ConfigParser()
+        parser.read_config(str(CONFIG_DIR / "train.json"))
+        parser.update({"dataset_dir": str(source)})
+        datalist = parser.get_parsed_content("datalist")
+        return Compose(parser.get_parsed_content("base_preprocessing")), datalist
+
+    brats_loading, brats_list = loading(brats)
+    msd_loading, msd_list = loading(msd)
+    by_id = {e["case_id"]: e for e in brats_list["training"]}
+    for i, entry in enumerate(msd_list["training"]):
+        a, b = brats_loading(dict(by_id[ids[i]])), msd_loading(dict(entry))
+        assert torch.equal(torch.as_tensor(a["image"]), torch.as_tensor(b["image"]))
+        assert bool(a["label"][1].any()) and torch.equal(torch.as_tensor(a["label"]), torch.as_tensor(b["label"]))
