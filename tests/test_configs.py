@@ -94,3 +94,21 @@ def test_an_explicit_et_label_wins_over_a_detected_scheme(tmp_path):
     assert detected.get_parsed_content("labels").name == "brats2024"
     explicit = _parser(["inference.json"], dataset_dir=str(tmp_path / "data"), et_label=4)
     assert explicit.get_parsed_content("labels").name == "brats2018"
+
+
+@pytest.mark.parametrize("part", ["train", "validate"])
+def test_the_caches_cover_every_deterministic_loading_step(part):
+    """MONAI's caches (and the disk cache's key) stop at the first transform that is random or not a MONAI
+    ``Transform``: every step of train.json's ``base_preprocessing`` must be cached, or it reruns every epoch and
+    the training and validation caches share their disk keys."""
+    from monai.transforms import RandomizableTrait, Transform
+
+    parser = ConfigParser()
+    parser.read_config(str(CONFIG_DIR / "train.json"))
+    parser["dataset_dir"] = "/nonexistent/BraTS"
+    transforms = parser.get_parsed_content(f"{part}#preprocessing").flatten().transforms
+    first_uncached = next(
+        (i for i, t in enumerate(transforms) if isinstance(t, RandomizableTrait) or not isinstance(t, Transform)),
+        len(transforms),
+    )
+    assert first_uncached >= len(parser.get_parsed_content("base_preprocessing")), transforms[first_uncached]

@@ -11,6 +11,7 @@ import re
 from pathlib import Path
 
 import numpy as np
+from monai.transforms import MapTransform
 
 __all__ = [
     "SEQUENCES",
@@ -171,13 +172,17 @@ def channel_index_from_modality(modality: object, where: str = "dataset.json") -
     return tuple(by_sequence[s] for s in SEQUENCES)
 
 
-class OrderSequencesd:
+class OrderSequencesd(MapTransform):
     """Dictionary transform after ``EnsureSequenceChannelsd``: puts the channels of ``image`` (4, X, Y, Z) in the
     order T1, T1c, T2, FLAIR using the entry's ``channel_index`` (``channel_index_from_modality``), then drops that
-    key so that a second application changes nothing. Entries without it pass unchanged."""
+    key so that a second application changes nothing. Entries without it pass unchanged.
+
+    A MONAI ``MapTransform`` (deterministic): MONAI's caches cache the transforms up to the first one that is random
+    or not a MONAI transform, and the disk cache keys its files on them, so it must be one."""
 
     def __init__(self, keys: str = "image", index_key: str = CHANNEL_INDEX_KEY) -> None:
-        self.key = keys if isinstance(keys, str) else keys[0]
+        super().__init__(keys, allow_missing_keys=True)
+        self.key = self.keys[0]
         self.index_key = index_key
 
     def __call__(self, data: dict) -> dict:
