@@ -25,6 +25,7 @@ TINY_TRAINING = {
     "patch_size": [32, 32, 32],
     "num_workers": 0,
     "num_folds": 3,
+    "memory_format": "contiguous",  # no layout timing (test_workflow.py runs it once)
     **NARROW_NETWORK,
 }
 

@@ -94,6 +94,7 @@ def _train_command(dataset, output_dir, epochs):
     overrides = {
         **TINY_TRAINING,
         "epochs": epochs,
+        "val_interval": epochs + 1,  # snapshots are written every epoch; no validation is needed for resume
         "dataset_dir": str(dataset),
         "output_dir": str(output_dir),
         "cache": "none",
@@ -176,3 +177,22 @@ def test_the_same_seed_gives_the_same_first_epoch(tiny_dataset, tmp_path):
     other = _first_epoch_losses(tiny_dataset, tmp_path / "c", seed=6)
     assert len(first) == 4 and again == pytest.approx(first, rel=1e-5)  # the memory layout is timed: not bitwise
     assert other != pytest.approx(first, rel=1e-3)
+
+
+def test_memory_format_is_timed_or_taken_as_given(caplog):
+    import logging
+
+    from custom.model.network import CascadedUNet
+    from custom.training.workflow import fastest_memory_format
+
+    network = CascadedUNet(init_filters=8, blocks_down=(1, 1, 1, 1), trilinear_decoder=False)
+    with caplog.at_level(logging.INFO, logger="custom.training.workflow"):
+        fastest_memory_format(network, (16, 16, 16), repeats=1)
+    assert "memory layout: NCDHW" in caplog.text and "channels-last" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="custom.training.workflow"):
+        chosen = fastest_memory_format(network, (16, 16, 16), memory_format="channels_last")
+    weight = next(chosen.parameters())
+    assert weight.is_contiguous(memory_format=torch.channels_last_3d) and "memory layout" not in caplog.text
+    with pytest.raises(ValueError, match="memory_format"):
+        fastest_memory_format(network, (16, 16, 16), memory_format="nhwc")

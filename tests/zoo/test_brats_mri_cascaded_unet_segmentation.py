@@ -27,6 +27,8 @@ TRAIN_OVERRIDE = {
     "num_workers": 0,
     "num_folds": 3,
     "n_snapshots": 1,
+    "tta": 1,  # evaluation: one flip per case
+    "memory_format": "contiguous",  # no CPU layout timing
     **NARROW,
 }
 INFER_OVERRIDE = {"tta": 1, **NARROW}
